@@ -1,0 +1,1 @@
+"""Launchers: `python -m launch local|slurm|plan CONFIG ...`. All run the same entry point, pipeline.train."""

@@ -1,0 +1,117 @@
+"""DeepSpeed: our config -> ds_config, initialize with AdamW groups and warmup+cosine, step, precision casts."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+from pipeline.config import Config
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def grad_accumulation(cfg: Config, world_size: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
+
+
+def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    t, z = cfg.train, cfg.zero
+    zero: dict[str, Any] = {"stage": z.stage}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        # fp16: dynamic loss scaling from 2^16, halved on overflow (the step is skipped), as on V100s.
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": t.precision == "bf16"},
+        # Our AdamW is a torch optimizer (fused on GPU); DeepSpeed's own only matter for offload.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup, then cosine decay from lr to lr * min_lr_ratio at train.steps. Step-indexed, so a
+    resumed run gets the same LR as an uninterrupted one."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class Engine:
+    """A DeepSpeed engine built from our config; the trainer calls forward through `model`, then backward/step."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, param_groups: list[dict], device: str, world_size: int):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.dtype = DTYPES[cfg.train.precision]
+        self.accumulation = grad_accumulation(cfg, world_size)
+        o = cfg.optim
+        kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        if cfg.zero.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(param_groups, fused=device == "cuda", **kwargs)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(cfg, world_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module
+
+    def to_device(self, batch: dict) -> dict:
+        """Move a batch to the device; floating tensors take the engine's precision."""
+        return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None, non_blocking=True)
+                for k, v in batch.items()}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro-batch; DeepSpeed applies the update at the accumulation boundary."""
+        self.model.step()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.model.skipped_steps)
+
+    def clamp_(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
+        """Clamp a parameter in place. Under ZeRO or mixed precision the optimizer owns an fp32 master copy that
+        would overwrite the module's at the next step, so the master is clamped too. Collective: all ranks call."""
+        master = safe_get_full_fp32_param(param)
+        if master is None:  # the module's parameter is the master (ZeRO-0, fp32)
+            with torch.no_grad():
+                param.clamp_(lo, hi)
+            return
+        if lo <= master.min().item() and master.max().item() <= hi:
+            return
+        safe_set_full_fp32_param(param, master.clamp(lo, hi))
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            param.clamp_(lo, hi)

@@ -1,0 +1,45 @@
+"""Local labelled datasets for evaluation (no downloads at eval time).
+
+Supported layout: a torchvision ImageFolder tree (ROOT/<class>/*.jpg). Class names and prompt templates come
+from clip_benchmark-style files beside it when present: classnames.txt (one per line, in sorted-folder order)
+and zeroshot_classification_templates.txt (or templates.txt), one template per line with `{c}` for the class.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torchvision.datasets import ImageFolder
+
+DEFAULT_TEMPLATES = ("a photo of a {c}.", "a picture of a {c}.", "an image of a {c}.")
+TEMPLATE_FILES = ("zeroshot_classification_templates.txt", "templates.txt")
+
+
+@dataclass
+class LabelledDataset:
+    name: str
+    dataset: object  # a torch Dataset of (image tensor, label)
+    classnames: list[str]
+    templates: list[str]
+
+
+def _lines(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def load(root: str | Path, transform: Callable) -> LabelledDataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset directory not found")
+    try:
+        dataset = ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"{root}: not an ImageFolder tree ({e})") from None
+    names_file = root / "classnames.txt"
+    classnames = _lines(names_file) if names_file.is_file() else [c.replace("_", " ") for c in dataset.classes]
+    if len(classnames) != len(dataset.classes):
+        raise ValueError(f"{names_file}: {len(classnames)} names for {len(dataset.classes)} class folders")
+    template_file = next((root / f for f in TEMPLATE_FILES if (root / f).is_file()), None)
+    templates = _lines(template_file) if template_file else list(DEFAULT_TEMPLATES)
+    return LabelledDataset(root.name, dataset, classnames, templates)

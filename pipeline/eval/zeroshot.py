@@ -1,0 +1,60 @@
+"""Zero-shot classification (CLIP paper, section 3.1.2): class-name prompts -> text classifier -> accuracy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.eval import datasets
+
+
+def _template_fn(template: str):
+    return lambda c: template.replace("{c}", c).replace("{}", c)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dataset_path, transform, *, batch_size: int = 64, device="cpu",
+             dtype=torch.float32, num_workers: int = 0) -> dict:
+    data = datasets.load(dataset_path, transform)
+    classifier = open_clip.build_zero_shot_classifier(
+        model, tokenizer, data.classnames, [_template_fn(t) for t in data.templates], device=device)
+    n_classes = len(data.classnames)
+    correct1 = correct5 = 0
+    per_class_hits = torch.zeros(n_classes)
+    per_class_total = torch.zeros(n_classes)
+    loader = DataLoader(data.dataset, batch_size=batch_size, num_workers=num_workers)
+    for images, labels in loader:
+        features = model.encode_image(images.to(device, dtype), normalize=True)
+        logits = features.float() @ classifier.float()
+        top5 = logits.topk(min(5, n_classes), dim=1).indices.cpu()
+        hit1 = top5[:, 0] == labels
+        correct1 += hit1.sum().item()
+        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        per_class_hits.index_add_(0, labels, hit1.float())
+        per_class_total.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
+    n = int(per_class_total.sum().item())
+    seen = per_class_total > 0
+    return {
+        "dataset": data.name, "n": n, "classes": n_classes, "templates": len(data.templates),
+        "top1": correct1 / n, "top5": correct5 / n,
+        "mean_per_class": (per_class_hits[seen] / per_class_total[seen]).mean().item(),
+        "chance": 1.0 / n_classes,
+    }
+
+
+def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "zeroshot.json", out_dir / "zeroshot.md"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(markdown_table([result]))
+    return json_path, md_path
+
+
+def markdown_table(results: list[dict]) -> str:
+    rows = ["| dataset | n | classes | top-1 | top-5 | mean per class | chance |", "|---|---|---|---|---|---|---|"]
+    rows += [f"| {r['dataset']} | {r['n']} | {r['classes']} | {r['top1']:.2%} | {r['top5']:.2%} | "
+             f"{r['mean_per_class']:.2%} | {r['chance']:.2%} |" for r in results]
+    return "\n".join(rows) + "\n"

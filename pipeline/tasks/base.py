@@ -1,0 +1,71 @@
+"""The interface every model family implements; `pipeline/train.py` knows nothing else about a family."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ModelConfig
+
+_NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
+_NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "pos_embed", "cls_token", "logit_scale", "wpe", "wte")
+
+
+class Task:
+    ModelConfig: type[ModelConfig] = ModelConfig
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """device="meta" sizes the model without allocating it (--describe, launch plan)."""
+        raise NotImplementedError
+
+    def transform(self, train: bool) -> Callable[[dict], dict]:
+        """Decoded sample dict (PIL image, caption str, label int...) -> dict of tensors."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch; the dict's scalars go to TensorBoard under train/."""
+        raise NotImplementedError
+
+    def example_batch(self, batch_size: int, device: str | torch.device) -> dict:
+        """A batch of the right shapes, for FLOP counting on the meta device."""
+        raise NotImplementedError
+
+    def after_step(self, engine) -> None:
+        """Called after each optimizer step (e.g. clamping CLIP's temperature)."""
+
+    def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+        """Write a consolidated fp32 state dict in the family's library format (open_clip, timm...)."""
+        torch.save(state_dict, path)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay for norms, biases, embeddings and scalars such as logit_scale."""
+        decay, no_decay = [], []
+        for module_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                full = f"{module_name}.{name}" if module_name else name
+                skip = (p.ndim < 2 or name == "bias" or isinstance(module, _NO_DECAY_MODULES)
+                        or full.split(".")[-1] in _NO_DECAY_NAMES)
+                (no_decay if skip else decay).append(p)
+        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per sample (forward + backward = 3x forward), counted on the meta device."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model = self.build_model(device="meta")
+        batch = self.example_batch(1, "meta")
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            self.loss_forward(model, batch)
+        return 3.0 * counter.get_total_flops()
+
+    def loss_forward(self, model: nn.Module, batch: dict) -> Any:
+        """The model's forward on a batch, without the loss (for FLOP counting). Defaults to model(**batch)."""
+        return model(**batch)

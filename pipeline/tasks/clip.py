@@ -1,0 +1,122 @@
+"""CLIP (Radford et al. 2021): models, tokenizer, transforms and loss all come from open_clip.
+
+Our only addition is holding `logit_scale` with shape [1] instead of []: DeepSpeed 0.19.8 cannot broadcast 0-dim
+parameters ("self.dim() cannot be 0 to view Float as Byte" in deepspeed.initialize and zero.Init). `export`
+converts it back, so exported state dicts load in open_clip unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+import torch.distributed as dist
+from torch import nn
+
+from pipeline import config
+from pipeline.tasks.base import Task
+
+MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "models" / "open_clip_configs"
+open_clip.add_model_config(MODEL_CONFIGS)  # our tiny CPU configs beside open_clip's RN50 ... ViT-L-14-336
+
+
+
+class _QuietFromScratch(logging.Filter):
+    """open_clip warns on every rank that no pretrained weights were loaded: pretraining from scratch is the point."""
+
+    def filter(self, record):
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietFromScratch())
+# open_clip's ClipLoss gathers with torch.distributed.nn.all_gather, which torch 2.14 flags on every step.
+warnings.filterwarnings("ignore", message=r".*all_gather.* is deprecated", category=FutureWarning)
+
+MAX_LOGIT_SCALE = math.log(100)  # the paper clips the temperature so logits are scaled by at most 100
+
+
+@dataclass
+class ClipModelConfig(config.ModelConfig):
+    local_loss: bool = False  # each rank scores its own images against all texts: O(n) instead of O(n^2)/rank
+    gather_with_grad: bool = True  # all-gather features with gradients (required for exact gradients)
+    grad_checkpointing: bool = False
+
+
+class ClipTask(Task):
+    ModelConfig = ClipModelConfig
+
+    def __init__(self, cfg: config.Config):
+        super().__init__(cfg)
+        if cfg.model.name not in open_clip.list_models():
+            raise config.ConfigError(
+                f"model.name={cfg.model.name!r}: not an open_clip model config "
+                f"(e.g. RN50, ViT-B-32, ViT-L-14-336, CLIP-tiny)")
+        self.tokenizer = open_clip.get_tokenizer(cfg.model.name)
+        self._loss = None
+
+    def build_model(self, device="cpu") -> nn.Module:
+        with torch.device(device):
+            model = open_clip.create_model(self.cfg.model.name, device=device, output_dict=True)
+        model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
+        if self.cfg.model.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
+
+    def transform(self, train: bool):
+        with torch.device("meta"):
+            model = open_clip.create_model(self.cfg.model.name, device="meta")
+        preprocess = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=train)
+        return _ClipTransform(preprocess, self.tokenizer)
+
+    def loss(self, model, batch):
+        if self._loss is None:  # built lazily: rank and world size are known once the process group exists
+            distributed = dist.is_available() and dist.is_initialized()
+            self._loss = open_clip.ClipLoss(
+                local_loss=self.cfg.model.local_loss, gather_with_grad=self.cfg.model.gather_with_grad,
+                cache_labels=True, rank=dist.get_rank() if distributed else 0,
+                world_size=dist.get_world_size() if distributed else 1)
+        out = model(image=batch["image"], text=batch["text"])
+        loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return loss, {"logit_scale": out["logit_scale"].detach().float().item()}
+
+    def example_batch(self, batch_size, device):
+        size = open_clip.get_model_config(self.cfg.model.name)["vision_cfg"]["image_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        ctx = self.tokenizer.context_length
+        return {"image": torch.zeros(batch_size, 3, *size, device=device),
+                "text": torch.zeros(batch_size, ctx, dtype=torch.long, device=device)}
+
+    def after_step(self, engine) -> None:
+        # Clamp the learned log-temperature at ln(100), on the fp32 master copy too (ZeRO / mixed precision).
+        engine.clamp_(engine.module.logit_scale, 0.0, MAX_LOGIT_SCALE)
+
+    def export(self, state_dict, path):
+        torch.save(to_open_clip(state_dict), path)
+
+
+def to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> open_clip's: logit_scale back to a 0-dim tensor."""
+    out = dict(state_dict)
+    out["logit_scale"] = out["logit_scale"].reshape(())
+    return out
+
+
+def from_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = dict(state_dict)
+    out["logit_scale"] = out["logit_scale"].reshape(1)
+    return out
+
+
+class _ClipTransform:
+    """Picklable (DataLoader workers): PIL image + caption -> normalised image tensor + token ids."""
+
+    def __init__(self, preprocess, tokenizer):
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+
+    def __call__(self, sample: dict) -> dict:
+        return {"image": self.preprocess(sample["image"]), "text": self.tokenizer(sample["text"])[0]}

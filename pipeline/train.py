@@ -1,0 +1,137 @@
+"""`python -m pipeline.train CONFIG [key=value ...] [--describe]`: the training loop.
+
+parse config -> join the process group -> task, engine, data -> loop (batch -> loss -> backward/step -> metrics ->
+maybe checkpoint / eval) -> final checkpoint. Each piece lives in its own module; this file only wires them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint, config, data, distributed
+from pipeline.engine import Engine
+from pipeline.metrics import Metrics
+from pipeline.tasks import get_task
+
+log = logging.getLogger("pipeline")
+
+
+def train(cfg: config.Config, device: str) -> dict:
+    info = distributed.init(device)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    task = get_task(cfg.task)(cfg)
+    model = task.build_model()
+    engine = Engine(cfg, model, task.param_groups(model), device, info.world_size)
+    state = checkpoint.load(engine, ckpt_dir) or {"step": 0, "samples": 0}
+    step, samples = state["step"], state["samples"]
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+        log.info("%s from step %d: %s, %d ranks on %s, ZeRO-%d, %s, grad accumulation %d",
+                 "resuming" if step else "starting", step, cfg.model.name, info.world_size, device,
+                 cfg.zero.stage, cfg.train.precision, engine.accumulation)
+    # Until the stream records its position (issue: exact resume), a resumed run at least draws fresh samples.
+    stream = data.TrainStream(cfg.data.train, task.transform(train=True), cfg.train.micro_batch_size,
+                              num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                              seed=cfg.data.seed + step)
+    metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample())
+    last: dict[str, float] = {}
+    while step < cfg.train.steps:
+        lr, loss_sum = engine.lr, torch.zeros((), device=device)
+        for _ in range(engine.accumulation):
+            t0 = time.perf_counter()
+            batch = engine.to_device(next(stream))
+            metrics.add_data_wait(time.perf_counter() - t0)
+            loss, logs = task.loss(engine.model, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        task.after_step(engine)
+        step += 1
+        samples += cfg.train.global_batch_size
+        metrics.add_samples(cfg.train.global_batch_size)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            dist.all_reduce(loss_sum)  # mean over ranks and micro-batches
+            last = metrics.log_window(step, {
+                "train/loss": loss_sum.item() / (engine.accumulation * info.world_size), "train/lr": lr,
+                "train/grad_norm": engine.grad_norm, "train/skipped_steps": engine.skipped_steps,
+                "data/skipped": stream.skipped, **{f"train/{k}": v for k, v in logs.items()}})
+        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+            checkpoint.save(engine, ckpt_dir, step, {
+                "step": step, "samples": samples, "world_size": info.world_size, "zero_stage": cfg.zero.stage,
+                "model": cfg.model.name, "config": config.to_dict(cfg)}, cfg.train.keep_last)
+        if cfg.eval.zeroshot and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0):
+            last.update(_zeroshot(cfg, task, engine, step, metrics, info, device))
+    metrics.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "global_batch_size": cfg.train.global_batch_size,
+                     "zero_stage": cfg.zero.stage, "precision": cfg.train.precision, "world_size": info.world_size},
+                    {k: v for k, v in last.items() if k in ("train/loss", "eval/zeroshot_top1")})
+    metrics.close()
+    return last
+
+
+def _zeroshot(cfg, task, engine, step, metrics, info, device) -> dict[str, float]:
+    """Zero-shot accuracy on cfg.eval.zeroshot, computed on rank 0 while the others wait."""
+    import deepspeed
+
+    from pipeline.eval.zeroshot import evaluate
+
+    result = {}
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero.stage == 3):
+        if info.is_main:
+            engine.model.eval()
+            r = evaluate(engine.module, task.tokenizer, cfg.eval.zeroshot, task.transform(train=False),
+                         batch_size=cfg.eval.batch_size, device=device, dtype=engine.dtype)
+            engine.model.train()
+            result = {"eval/zeroshot_top1": r["top1"], "eval/zeroshot_top5": r["top5"]}
+            metrics.scalars(step, result)
+            log.info("step %d | zero-shot %s: top1 %.4f top5 %.4f (chance %.4f)", step, r["dataset"], r["top1"],
+                     r["top5"], r["chance"])
+    dist.barrier()
+    return result
+
+
+def describe(cfg: config.Config) -> None:
+    """Build the model on the meta device (nothing allocated) and print its size and the resolved config."""
+    task = get_task(cfg.task)(cfg)
+    model = task.build_model(device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n}")
+    print(f"parameters (human): {n / 1e6:.1f}M")
+    print(f"train flops per sample: {task.flops_per_sample():.4g}")
+    print(config.to_yaml(cfg), end="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config (configs/...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-4")
+    parser.add_argument("--describe", action="store_true", help="size the model on the meta device and exit")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("pipeline").setLevel(logging.INFO)  # ours at INFO; libraries (open_clip) stay quiet
+    try:
+        cfg = config.load(args.config, args.overrides)
+        if args.describe:
+            describe(cfg)
+            return 0
+        device = config.resolve_device(cfg)
+        config.validate(cfg, distributed.from_env().world_size, device)
+        if not cfg.data.train:
+            raise config.ConfigError("data.train is empty: give shards, e.g. data.train=shards/{00000..00009}.tar")
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(cfg, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
