@@ -141,6 +141,9 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(f"overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
     cfg = _build(raw, over, source=str(path))
     validate(cfg)
+    from pipeline.tasks import get_task
+
+    get_task(cfg.task).check(cfg)
     return cfg
 
 

@@ -70,7 +70,7 @@ def train(cfg: config.Config, device: str) -> dict:
             last.update(_zeroshot(cfg, task, engine, step, metrics, info, device))
     metrics.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "global_batch_size": cfg.train.global_batch_size,
                      "zero_stage": cfg.zero.stage, "precision": cfg.train.precision, "world_size": info.world_size},
-                    {k: v for k, v in last.items() if k in ("train/loss", "eval/zeroshot_top1")})
+                    {f"hparam/{k.split('/')[1]}": v for k, v in last.items() if k in ("train/loss", "eval/zeroshot_top1")})
     metrics.close()
     return last
 
@@ -86,7 +86,7 @@ def _zeroshot(cfg, task, engine, step, metrics, info, device) -> dict[str, float
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero.stage == 3):
         if info.is_main:
             engine.model.eval()
-            r = evaluate(engine.module, task.tokenizer, cfg.eval.zeroshot, task.transform(train=False),
+            r = evaluate(engine.module, task.tokenizer, cfg.eval.zeroshot, task.image_transform(train=False),
                          batch_size=cfg.eval.batch_size, device=device, dtype=engine.dtype)
             engine.model.train()
             result = {"eval/zeroshot_top1": r["top1"], "eval/zeroshot_top5": r["top5"]}

@@ -26,7 +26,7 @@ def zeroshot(args) -> int:
     from pipeline.eval.zeroshot import evaluate, markdown_table, write_report
 
     cfg, task, model, ckpt = load_model(args.checkpoint, args.device)
-    result = evaluate(model, task.tokenizer, args.dataset, task.transform(train=False),
+    result = evaluate(model, task.tokenizer, args.dataset, task.image_transform(train=False),
                       batch_size=args.batch_size, device=args.device, num_workers=args.workers)
     result.update(checkpoint=str(ckpt), model=cfg.model.name, step=checkpoint.read_state(ckpt)["step"])
     out = Path(args.out) if args.out else ckpt.parent.parent / "eval"  # RUN/checkpoints/step_N -> RUN/eval

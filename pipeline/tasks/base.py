@@ -17,7 +17,12 @@ class Task:
     ModelConfig: type[ModelConfig] = ModelConfig
 
     def __init__(self, cfg: Config):
+        self.check(cfg)
         self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse, with a ConfigError, what only the family knows is impossible (an unknown model name...)."""
 
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """device="meta" sizes the model without allocating it (--describe, launch plan)."""
@@ -25,6 +30,10 @@ class Task:
 
     def transform(self, train: bool) -> Callable[[dict], dict]:
         """Decoded sample dict (PIL image, caption str, label int...) -> dict of tensors."""
+        raise NotImplementedError
+
+    def image_transform(self, train: bool) -> Callable:
+        """PIL image -> tensor, as the model expects it (evaluation datasets use it directly)."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:

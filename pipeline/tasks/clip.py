@@ -50,12 +50,15 @@ class ClipModelConfig(config.ModelConfig):
 class ClipTask(Task):
     ModelConfig = ClipModelConfig
 
-    def __init__(self, cfg: config.Config):
-        super().__init__(cfg)
+    @classmethod
+    def check(cls, cfg: config.Config) -> None:
         if cfg.model.name not in open_clip.list_models():
             raise config.ConfigError(
                 f"model.name={cfg.model.name!r}: not an open_clip model config "
                 f"(e.g. RN50, ViT-B-32, ViT-L-14-336, CLIP-tiny)")
+
+    def __init__(self, cfg: config.Config):
+        super().__init__(cfg)
         self.tokenizer = open_clip.get_tokenizer(cfg.model.name)
         self._loss = None
 
@@ -67,11 +70,13 @@ class ClipTask(Task):
             model.set_grad_checkpointing(True)
         return model
 
-    def transform(self, train: bool):
+    def image_transform(self, train: bool):
         with torch.device("meta"):
             model = open_clip.create_model(self.cfg.model.name, device="meta")
-        preprocess = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=train)
-        return _ClipTransform(preprocess, self.tokenizer)
+        return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=train)
+
+    def transform(self, train: bool):
+        return _ClipTransform(self.image_transform(train), self.tokenizer)
 
     def loss(self, model, batch):
         if self._loss is None:  # built lazily: rank and world size are known once the process group exists

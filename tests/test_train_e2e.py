@@ -1,0 +1,110 @@
+"""End to end on real processes: `launch local` starts 2 ranks over gloo, DeepSpeed ZeRO-2 trains the tiny CLIP,
+checkpoints, resumes, and TensorBoard event files are read back with TensorBoard's own reader."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import webdataset as wds
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_tools.demo_corpus import make_corpus
+from pipeline import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE_EVERY = 30, 15
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The demo corpus written straight to shards (the HTTP download path has its own tests)."""
+    out = tmp_path_factory.mktemp("corpus")
+    make_corpus(out, n_train=1200, n_val=240, seed=0, size=32)
+    rows = pd.read_parquet(out / "train.parquet")
+    for s, part in enumerate(range(0, len(rows), 300)):
+        with wds.TarWriter(str(out / f"{s:05d}.tar")) as w:
+            for i, r in rows.iloc[part:part + 300].iterrows():
+                w.write({"__key__": f"{i:06d}", "jpg": (out / r["image"]).read_bytes(), "txt": r["caption"]})
+    return out
+
+
+def launch(run_dir, corpus, *extra):
+    cmd = [sys.executable, "-m", "launch", "local", "configs/clip/tiny_cpu.yaml", "--nproc", "2",
+           f"data.train={corpus}/{{00000..00003}}.tar", f"run.dir={run_dir}", f"train.steps={STEPS}",
+           "train.global_batch_size=128", "train.micro_batch_size=64", f"train.save_every={SAVE_EVERY}",
+           "train.log_every=5", "optim.warmup_steps=5", "optim.lr=2e-3", "zero.stage=2",
+           f"eval.zeroshot={corpus}/val", *extra]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r.stdout + r.stderr
+
+
+def scalars(run_dir) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(Path(run_dir) / "tb"))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, corpus):
+    run_dir = tmp_path_factory.mktemp("runs") / "a"
+    log = launch(run_dir, corpus)
+    return run_dir, log
+
+
+def test_zero2_two_ranks_train_and_loss_falls(run_a):
+    run_dir, log = run_a
+    assert "2 ranks on cpu, ZeRO-2" in log
+    s = scalars(run_dir)
+    for tag in ("train/loss", "train/lr", "train/samples_per_s", "train/logit_scale", "train/grad_norm",
+                "train/data_wait_fraction", "data/skipped", "eval/zeroshot_top1"):
+        assert tag in s, f"{tag} missing from {sorted(s)}"
+    loss = s["train/loss"]
+    assert sorted(loss) == list(range(5, STEPS + 1, 5))
+    assert loss[STEPS] < loss[5] - 0.3, loss
+    assert s["data/skipped"][STEPS] == 0
+    assert 0 <= s["eval/zeroshot_top1"][STEPS] <= 1
+
+
+def test_checkpoints_are_complete_and_latest_points_at_the_last(run_a):
+    run_dir, _ = run_a
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text() == f"step_{STEPS:06d}"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{SAVE_EVERY:06d}", f"step_{STEPS:06d}"]
+    assert not list(ckpts.glob(".tmp-*"))
+    state = checkpoint.read_state(ckpts / f"step_{STEPS:06d}")
+    assert state["step"] == STEPS and state["samples"] == STEPS * 128 and state["world_size"] == 2
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_resume_continues_from_the_saved_step_with_the_same_lr(run_a, tmp_path, corpus):
+    run_dir, _ = run_a
+    # A run that died after its step-15 checkpoint: latest -> step_15, nothing after it.
+    resumed = tmp_path / "b"
+    shutil.copytree(run_dir / "checkpoints" / f"step_{SAVE_EVERY:06d}",
+                    resumed / "checkpoints" / f"step_{SAVE_EVERY:06d}")
+    (resumed / "checkpoints" / "latest").write_text(f"step_{SAVE_EVERY:06d}")
+    log = launch(resumed, corpus, "eval.zeroshot=null")
+    assert f"resuming from step {SAVE_EVERY}" in log
+    a, b = scalars(run_dir), scalars(resumed)
+    assert sorted(b["train/lr"]) == [20, 25, 30]  # steps 16..30 only
+    for step in (20, 25, 30):
+        assert b["train/lr"][step] == pytest.approx(a["train/lr"][step], rel=1e-9)  # scheduler state restored
+    assert checkpoint.read_state(resumed / "checkpoints" / f"step_{STEPS:06d}")["samples"] == STEPS * 128
+
+
+def test_zeroshot_cli_on_the_checkpoint(run_a, corpus):
+    run_dir, _ = run_a
+    r = subprocess.run([sys.executable, "-m", "pipeline.eval", "zeroshot", "--checkpoint", str(run_dir),
+                        "--dataset", str(corpus / "val"), "--workers", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| val | 240 | 24 |" in r.stdout
+    import json
+    result = json.loads((run_dir / "eval" / "zeroshot.json").read_text())
+    assert result["n"] == 240 and result["classes"] == 24 and result["step"] == STEPS
+    assert result["top1"] == pytest.approx(scalars(run_dir)["eval/zeroshot_top1"][STEPS], abs=1e-6)
