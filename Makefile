@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m data_tools.demo
+	PY=$(PY) bash scripts/demo.sh
 
 test: install
 	$(PY) -m pytest -q

@@ -1,0 +1,59 @@
+"""The DeepSpeed engine in one real process (gloo): LR schedule, accumulation, temperature clamp on the masters."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import config, distributed
+from pipeline.engine import Engine, ds_config, lr_lambda
+from pipeline.tasks.clip import MAX_LOGIT_SCALE, ClipTask
+
+TINY = Path(__file__).resolve().parent.parent / "configs/clip/tiny_cpu.yaml"
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = config.load(TINY, ["optim.warmup_steps=10", "train.steps=110", "optim.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)  # floor, also past the end
+
+
+def test_ds_config_accumulation_and_precision():
+    cfg = config.load(TINY, ["train.global_batch_size=512", "train.micro_batch_size=32", "zero.stage=3",
+                             "zero.offload_optimizer=true", "zero.offload_params=true"])
+    ds = ds_config(cfg, world_size=4)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 512
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert not ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]
+    cfg.train.precision = "fp16"
+    assert ds_config(cfg, 4)["fp16"]["enabled"] and ds_config(cfg, 4)["fp16"]["loss_scale"] == 0  # dynamic
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    distributed.init("cpu")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_logit_scale_clamp_reaches_the_optimizer_master_copy(process_group, stage):
+    cfg = config.load(TINY, [f"zero.stage={stage}", "train.global_batch_size=4", "train.micro_batch_size=4",
+                             "optim.lr=1e-9", "optim.warmup_steps=1"])
+    task = ClipTask(cfg)
+    model = task.build_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(5.0)  # above ln(100) = 4.605
+    engine = Engine(cfg, model, task.param_groups(model), "cpu", world_size=1)
+    task.after_step(engine)
+    assert engine.module.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+    batch = task.example_batch(4, "cpu")
+    batch["image"].normal_()
+    loss, _ = task.loss(engine.model, batch)
+    engine.backward(loss)
+    engine.step()  # the optimizer copies its master back into the module: it must hold the clamped value
+    assert engine.module.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE, abs=1e-6)
+    assert math.exp(engine.module.logit_scale.item()) <= 100 + 1e-3
