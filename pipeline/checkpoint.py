@@ -1,7 +1,8 @@
 """Checkpoints: DeepSpeed's sharded save/load plus our state.json, written so that a crash never leaves a broken
 `latest`.
 
-Layout: CKPT/step_000100/ (DeepSpeed files + state.json), CKPT/latest (text: the tag). Every rank writes its
+Layout: CKPT/step_000100/ (DeepSpeed files + state.json + rank_NNNNN.pt: each rank's RNG states and data-stream
+position), CKPT/latest (text: the tag). Every rank writes its
 shards into CKPT/.tmp-step_000100/; after a barrier rank 0 adds state.json, renames the directory into place and
 only then replaces `latest` (write + fsync + rename). `latest` has DeepSpeed's format, so
 `engine.load_checkpoint(CKPT)` and DeepSpeed's zero_to_fp32 tooling read our directories as they are.
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -68,8 +71,28 @@ def resolve(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint (expected state.json or a `latest` file)")
 
 
-def save(engine, root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank writes its shards. Returns the final checkpoint directory."""
+def rank_file(path: Path, rank: int) -> Path:
+    return Path(path) / f"rank_{rank:05d}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(engine, root: Path, step: int, state: dict[str, Any], rank_state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank writes its DeepSpeed shards and its rank file. Returns the checkpoint directory."""
     root = Path(root)
     tag = TAG.format(step)
     tmp_tag = f".tmp-{tag}"
@@ -77,7 +100,10 @@ def save(engine, root: Path, step: int, state: dict[str, Any], keep_last: int) -
         shutil.rmtree(root / tmp_tag, ignore_errors=True)  # left by a run killed while saving
     _barrier()
     engine.model.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    torch.save({**rank_state, "rng": rng_state()}, rank_file(root / tmp_tag, dist.get_rank()))
     _barrier()
+    if os.environ.get("PIPELINE_FAULT") == f"kill_during_save@{step}":  # fault injection: tests prove atomicity
+        os.kill(os.getpid(), 9)
     final = root / tag
     if dist.get_rank() == 0:
         atomic_write_text(root / tmp_tag / STATE, json.dumps(state, indent=1))
@@ -99,14 +125,20 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, root: Path) -> dict[str, Any] | None:
-    """Restore model, optimizer, scheduler and loss scaler from `latest`; returns its state.json or None."""
+def load(engine, root: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG states from `latest`.
+    Returns (state.json, this rank's file without its RNG states), or None when there is no checkpoint."""
     path = latest(Path(root))
     if path is None:
         return None
     engine.model.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                  load_lr_scheduler_states=True)
-    return read_state(path)
+    state = read_state(path)
+    rank_state: dict[str, Any] = {}
+    if state.get("world_size") == dist.get_world_size():  # else ranks differ: weights resume, streams restart
+        rank_state = torch.load(rank_file(path, dist.get_rank()), weights_only=True)
+        set_rng_state(rank_state.pop("rng"))
+    return state, rank_state
 
 
 def read_state(path: Path) -> dict[str, Any]:

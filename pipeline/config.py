@@ -32,8 +32,8 @@ class RunConfig:
 class DataConfig:
     train: Any = ""  # brace-expanded shard spec ("shards/{00000..00099}.tar"), or a list of {urls, weight}
     val: Optional[str] = None
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
+    num_workers: int = 2  # loader processes per rank; keep it when resuming (each one is a stream)
+    open_shards: int = 4  # shards each stream interleaves: the shuffle's reach, and shards held in memory
     seed: int = 0
 
 

@@ -1,35 +1,36 @@
 """Training batches streamed from WebDataset shards (img2dataset layout: {key}.jpg, {key}.txt, {key}.json, {key}.cls).
 
-Shards are resampled with replacement (an infinite stream, as open_clip does for large corpora), seeded per
-rank and worker, so ranks see different data and no rank runs dry when shards do not divide evenly.
-Bad shards and samples are skipped with a warning and counted; each batch carries its worker's count so the
-trainer can report the total (`data/skipped`) without shared state between processes.
+Each (rank, loader worker) pair is one *stream*: a pure function of (seed, stream id) and its position, so a run
+resumed from a checkpoint consumes exactly the samples an uninterrupted run would have.
+
+A stream draws shards with replacement (resampled, as open_clip does for large corpora, so no rank runs dry when
+shards do not divide evenly), keeps `open_shards` of them open, each in its own seeded random order, and picks the
+next sample from a random open shard: the mixing of a shuffle buffer several shards wide, with a state that is
+small and exact — the RNG state plus, per open shard, its URL, permutation seed and offset. Each batch carries
+its stream's state after that batch; the trainer keeps the last one consumed per worker and saves it with the
+checkpoint. Restoring re-reads at most `open_shards` shards per stream.
+
+Shards are read with webdataset's tar iterators (local paths, `pipe:` and fsspec URLs alike) and decoded with
+its decoder. Bad shards and samples are skipped with a warning and counted (`data/skipped`); an unreadable shard
+is reported once per stream with its path.
 """
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import braceexpand
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = "jpg;jpeg;png;webp"
-SKIPPED = "_skipped"  # batch entry: (worker id, samples skipped so far by that worker)
-
-_skipped = 0  # per worker process
-
-
-def _skip(exn: Exception) -> bool:
-    """webdataset handler: warn, count, continue."""
-    global _skipped
-    _skipped += 1
-    log.warning("skipping bad sample: %s", repr(exn)[:300])
-    return True
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+STATE = "_stream_state"  # batch entry: the producing stream's state after this batch
+_decode = wds.autodecode.Decoder([wds.autodecode.imagehandler("pilrgb")])
 
 
 def expand_urls(spec) -> list[str]:
@@ -38,13 +39,13 @@ def expand_urls(spec) -> list[str]:
     return [url for s in specs for url in braceexpand.braceexpand(str(s))]
 
 
-def _to_sample(sample: dict) -> dict:
-    """Normalise img2dataset / WebDataset keys into what tasks read: image, text, label."""
-    out = {"__key__": sample["__key__"]}
-    image = next((sample[k] for k in IMAGE_KEYS.split(";") if k in sample), None)
+def to_sample(raw: dict) -> dict:
+    """Decode one tar sample and normalise img2dataset / WebDataset keys into what tasks read: image, text, label."""
+    sample = _decode(raw)
+    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
-        raise ValueError(f"sample {sample['__key__']} has no image ({IMAGE_KEYS})")
-    out["image"] = image
+        raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')} has no image ({', '.join(IMAGE_KEYS)})")
+    out = {"image": image}
     if "txt" in sample:
         out["text"] = sample["txt"]
     if "cls" in sample:
@@ -52,48 +53,122 @@ def _to_sample(sample: dict) -> dict:
     return out
 
 
-def _collate(samples: list[dict]) -> dict:
-    """Stack tensors (webdataset's map() carries __key__ along: dropped) and stamp the worker's skip count."""
-    batch = default_collate([{k: v for k, v in s.items() if not k.startswith("__")} for s in samples])
-    info = get_worker_info()
-    batch[SKIPPED] = torch.tensor([info.id if info else 0, _skipped])
-    return batch
+@dataclass
+class StreamState:
+    """Everything that determines what a stream yields next. Plain types: saved with the checkpoint."""
+
+    stream: int  # global id: rank * workers + worker, fixed for the life of the run
+    rng: tuple | None = None  # random.Random state; None = not started (seeded from seed and stream id)
+    open: list[list] = field(default_factory=list)  # [url, permutation seed, offset] per open shard
+    batches: int = 0
+    skipped: int = 0
 
 
-def _worker_seed(seed: int) -> int:
-    return seed * 100_003 + wds.utils.pytorch_worker_seed()
+class _Shard:
+    """One open shard: its samples (raw bytes, read once), visited in a seeded random order."""
+
+    def __init__(self, url: str, perm_seed: int, offset: int = 0):
+        self.url, self.perm_seed, self.offset = url, perm_seed, offset
+        errors: list[Exception] = []
+        # A truncated or corrupt tar keeps the samples before the damage; the damage is reported once.
+        self.samples = list(wds.tariterators.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True))
+        self.error = errors[0] if errors else None
+        random.Random(perm_seed).shuffle(self.samples)
+
+    def done(self) -> bool:
+        return self.offset >= len(self.samples)
 
 
-def train_pipeline(spec, transform: Callable[[dict], dict], batch_size: int, *, shuffle_buffer: int = 1000,
-                   seed: int = 0) -> wds.DataPipeline:
-    urls = expand_urls(spec)
-    if not urls:
-        raise ValueError(f"data.train={spec!r}: no shards")
-    return wds.DataPipeline(
-        wds.ResampledShards(urls, worker_seed=functools.partial(_worker_seed, seed), deterministic=True),
-        wds.tarfile_to_samples(handler=_skip),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)),
-        wds.decode("pilrgb", handler=_skip),
-        wds.map(_to_sample, handler=_skip),
-        wds.map(transform, handler=_skip),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
-    )
+class ShardStream(IterableDataset):
+    """Infinite batches for one rank; each DataLoader worker runs one stream (see module docstring)."""
+
+    def __init__(self, urls: list[str], transform: Callable[[dict], dict], batch_size: int, *, rank: int = 0,
+                 num_workers: int = 0, seed: int = 0, open_shards: int = 4,
+                 resume: list[dict] | None = None):
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+        self.seed, self.open_shards = seed, open_shards
+        self.slots = max(1, num_workers)
+        # slot i of this rank plays stream resume[i] (the order in which the trainer will consume them)
+        self.states = resume or [vars(StreamState(stream=rank * self.slots + i)) for i in range(self.slots)]
+        if len(self.states) != self.slots:
+            raise ValueError(f"saved data position has {len(self.states)} streams, this run has {self.slots} "
+                             "(data.num_workers must not change on resume)")
+
+    def __iter__(self):
+        info = get_worker_info()
+        state = StreamState(**self.states[info.id if info else 0])
+        rng = random.Random(self.seed * 1_000_003 + state.stream)
+        if state.rng is not None:
+            rng.setstate(_as_tuple(state.rng))
+        shards = [s for s in (self._open(url, p, off, state) for url, p, off in state.open) if s is not None]
+        while True:
+            samples = []
+            # Per-batch seeding: random augmentations replay exactly after a resume.
+            torch.manual_seed(hash((self.seed, state.stream, state.batches)) & (2**63 - 1))
+            while len(samples) < self.batch_size:
+                while len(shards) < self.open_shards:
+                    shard = self._open(self.urls[rng.randrange(len(self.urls))], rng.getrandbits(63), 0, state)
+                    if shard is not None:
+                        shards.append(shard)
+                j = rng.randrange(len(shards))
+                raw = shards[j].samples[shards[j].offset]
+                shards[j].offset += 1
+                if shards[j].done():
+                    shards.pop(j)
+                try:
+                    samples.append(self.transform(to_sample(raw)))
+                except Exception as e:  # corrupt image, missing field: skip and count
+                    state.skipped += 1
+                    log.warning("skipping sample %s of %s: %s", raw.get("__key__"), raw.get("__url__"), repr(e)[:200])
+            state.batches += 1
+            state.rng, state.open = rng.getstate(), [[s.url, s.perm_seed, s.offset] for s in shards]
+            batch = default_collate(samples)
+            batch[STATE] = vars(state) | {"open": list(state.open)}
+            yield batch
+
+    def _open(self, url: str, perm_seed: int, offset: int, state: StreamState) -> _Shard | None:
+        shard = _Shard(url, perm_seed, offset)
+        if shard.error is not None:
+            state.skipped += 1
+            log.warning("shard %s is damaged (%d samples readable): %s", url, len(shard.samples), repr(shard.error)[:200])
+        if shard.done():
+            log.warning("skipping empty shard %s", url)
+            return None
+        return shard
+
+
+def _as_tuple(x):
+    """random.Random states come back from checkpoints as nested lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class TrainStream:
-    """Iterator of training batches (dicts of tensors) that tallies skipped samples over all workers."""
+    """Iterator of training batches for this rank, with a position that `state_dict` / resume restore exactly."""
 
-    def __init__(self, spec, transform, batch_size: int, *, num_workers: int = 2, shuffle_buffer: int = 1000,
-                 seed: int = 0):
-        pipeline = train_pipeline(spec, transform, batch_size, shuffle_buffer=shuffle_buffer, seed=seed)
-        self.loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+    def __init__(self, spec, transform, batch_size: int, *, rank: int = 0, num_workers: int = 2, seed: int = 0,
+                 open_shards: int = 4, state: dict | None = None):
+        urls = expand_urls(spec)
+        if not urls:
+            raise ValueError(f"data.train={spec!r}: no shards")
+        resume = None
+        if state:
+            if state["num_workers"] != num_workers:
+                raise ValueError(f"data.num_workers={num_workers}, but the checkpoint's data position was saved with "
+                                 f"{state['num_workers']}: resume with the same value")
+            resume = state["streams"]
+        dataset = ShardStream(urls, transform, batch_size, rank=rank, num_workers=num_workers, seed=seed,
+                              open_shards=open_shards, resume=resume)
+        self.num_workers = num_workers
+        self._states = list(dataset.states)  # in serving order: [0] is the stream whose batch comes next
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
-        self._per_worker: dict[int, int] = {}
-        self._it: Iterator | None = None
+        self._it = None
 
     @property
     def skipped(self) -> int:
-        return sum(self._per_worker.values())
+        return sum(s["skipped"] for s in self._states)
 
     def __iter__(self):
         return self
@@ -102,6 +177,11 @@ class TrainStream:
         if self._it is None:
             self._it = iter(self.loader)
         batch = next(self._it)
-        worker, count = batch.pop(SKIPPED).tolist()
-        self._per_worker[worker] = count
+        state = batch.pop(STATE)
+        # The DataLoader serves its workers round-robin, so the stream after this one serves next.
+        assert state["stream"] == self._states[0]["stream"], "DataLoader served its workers out of order"
+        self._states = self._states[1:] + [state]
         return batch
+
+    def state_dict(self) -> dict:
+        return {"num_workers": self.num_workers, "streams": list(self._states)}

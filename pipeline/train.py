@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -20,6 +22,21 @@ from pipeline.tasks import get_task
 
 log = logging.getLogger("pipeline")
 
+# Set from a signal handler (SLURM's pre-emption / time-limit warning) or by a launcher's checkpoint hook: the
+# loop saves at the next step boundary and returns, so a requeued job resumes from that step.
+STOP = threading.Event()
+
+
+def request_stop(*_) -> None:
+    STOP.set()
+
+
+def _all_agree(flag: bool, device: str) -> bool:
+    """True on every rank if it is true on any: all ranks must leave the loop at the same step."""
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
 
 def train(cfg: config.Config, device: str) -> dict:
     info = distributed.init(device)
@@ -28,7 +45,7 @@ def train(cfg: config.Config, device: str) -> dict:
     task = get_task(cfg.task)(cfg)
     model = task.build_model()
     engine = Engine(cfg, model, task.param_groups(model), device, info.world_size)
-    state = checkpoint.load(engine, ckpt_dir) or {"step": 0, "samples": 0}
+    state, rank_state = checkpoint.load(engine, ckpt_dir) or ({"step": 0, "samples": 0}, {})
     step, samples = state["step"], state["samples"]
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -36,10 +53,9 @@ def train(cfg: config.Config, device: str) -> dict:
         log.info("%s from step %d: %s, %d ranks on %s, ZeRO-%d, %s, grad accumulation %d",
                  "resuming" if step else "starting", step, cfg.model.name, info.world_size, device,
                  cfg.zero.stage, cfg.train.precision, engine.accumulation)
-    # Until the stream records its position (issue: exact resume), a resumed run at least draws fresh samples.
     stream = data.TrainStream(cfg.data.train, task.transform(train=True), cfg.train.micro_batch_size,
-                              num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                              seed=cfg.data.seed + step)
+                              rank=info.rank, num_workers=cfg.data.num_workers, seed=cfg.data.seed,
+                              open_shards=cfg.data.open_shards, state=rank_state.get("data"))
     metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample())
     last: dict[str, float] = {}
     while step < cfg.train.steps:
@@ -62,17 +78,23 @@ def train(cfg: config.Config, device: str) -> dict:
                 "train/loss": loss_sum.item() / (engine.accumulation * info.world_size), "train/lr": lr,
                 "train/grad_norm": engine.grad_norm, "train/skipped_steps": engine.skipped_steps,
                 "data/skipped": stream.skipped, **{f"train/{k}": v for k, v in logs.items()}})
-        if step % cfg.train.save_every == 0 or step == cfg.train.steps:
+        stop = _all_agree(STOP.is_set(), device)
+        if stop or step % cfg.train.save_every == 0 or step == cfg.train.steps:
             checkpoint.save(engine, ckpt_dir, step, {
                 "step": step, "samples": samples, "world_size": info.world_size, "zero_stage": cfg.zero.stage,
-                "model": cfg.model.name, "config": config.to_dict(cfg)}, cfg.train.keep_last)
+                "model": cfg.model.name, "config": config.to_dict(cfg)}, {"data": stream.state_dict()},
+                cfg.train.keep_last)
         if cfg.eval.zeroshot and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0):
             last.update(_zeroshot(cfg, task, engine, step, metrics, info, device))
+        if stop:
+            if info.is_main:
+                log.info("stop requested: saved step %d, leaving the loop", step)
+            break
     metrics.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "global_batch_size": cfg.train.global_batch_size,
                      "zero_stage": cfg.zero.stage, "precision": cfg.train.precision, "world_size": info.world_size},
                     {f"hparam/{k.split('/')[1]}": v for k, v in last.items() if k in ("train/loss", "eval/zeroshot_top1")})
     metrics.close()
-    return last
+    return {**last, "step": step, "stopped": step < cfg.train.steps}
 
 
 def _zeroshot(cfg, task, engine, step, metrics, info, device) -> dict[str, float]:
@@ -129,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGUSR1, request_stop)  # sbatch --signal=USR1@120: save, then exit for the requeue
     train(cfg, device)
     return 0
 

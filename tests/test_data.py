@@ -39,9 +39,32 @@ def test_expand_urls():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stream_batches_and_counts_skipped_samples(shards, workers):
-    stream = TrainStream(shards, transform, batch_size=8, num_workers=workers, shuffle_buffer=10)
+    stream = TrainStream(shards, transform, batch_size=8, num_workers=workers, open_shards=2)
     batches = [next(stream) for _ in range(12)]  # ~96 samples: every shard read more than once
     assert set(batches[0]) == {"image", "text"}
     assert batches[0]["image"].shape == (8, 16, 16, 3)
     assert {int(t) for b in batches for t in b["text"]} <= {len("caption 0"), len("caption 10")}  # bad ones never reach a batch
     assert stream.skipped >= 2  # both bad members of at least one shard were met, counted over all workers
+
+
+def augment(sample):
+    """A random augmentation (torch RNG, like torchvision's) so the test also covers its replay."""
+    return {"image": torch.rand(2), "text": torch.tensor(len(sample["text"])), "key": torch.tensor(hash(sample["text"]) % 1000)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_stream_yields_exactly_what_an_uninterrupted_one_would(shards, workers):
+    kwargs = dict(batch_size=4, num_workers=workers, seed=3, open_shards=2, rank=1)
+    reference = TrainStream(shards, augment, **kwargs)
+    expected = [next(reference) for _ in range(15)]
+    first = TrainStream(shards, augment, **kwargs)
+    consumed = [next(first) for _ in range(7)]
+    state = first.state_dict()
+    resumed = TrainStream(shards, augment, state=state, **kwargs)
+    got = consumed + [next(resumed) for _ in range(8)]
+    for a, b in zip(expected, got):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["key"], b["key"])
+    other_rank = TrainStream(shards, augment, **{**kwargs, "rank": 0})
+    assert not torch.equal(next(other_rank)["image"], expected[0]["image"])  # ranks read different streams
+    with pytest.raises(ValueError, match="data.num_workers"):
+        TrainStream(shards, augment, state=state, **{**kwargs, "num_workers": workers + 1})

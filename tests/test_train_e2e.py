@@ -5,31 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import webdataset as wds
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from data_tools.demo_corpus import make_corpus
 from pipeline import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE_EVERY = 30, 15
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The demo corpus written straight to shards (the HTTP download path has its own tests)."""
-    out = tmp_path_factory.mktemp("corpus")
-    make_corpus(out, n_train=1200, n_val=240, seed=0, size=32)
-    rows = pd.read_parquet(out / "train.parquet")
-    for s, part in enumerate(range(0, len(rows), 300)):
-        with wds.TarWriter(str(out / f"{s:05d}.tar")) as w:
-            for i, r in rows.iloc[part:part + 300].iterrows():
-                w.write({"__key__": f"{i:06d}", "jpg": (out / r["image"]).read_bytes(), "txt": r["caption"]})
-    return out
 
 
 def launch(run_dir, corpus, *extra):

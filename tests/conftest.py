@@ -1,0 +1,31 @@
+import os
+
+import pytest
+
+# The image's network is closed: stop libraries phoning home at import time (albumentations, wandb).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The demo corpus (1200 captioned images, 240 held-out in 24 classes) written straight to 4 shards: tests of
+    training need data, not the HTTP download path, which has its own tests."""
+    import pandas as pd
+    import webdataset as wds
+
+    from data_tools.demo_corpus import make_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    make_corpus(out, n_train=1200, n_val=240, seed=0, size=32)
+    rows = pd.read_parquet(out / "train.parquet")
+    for s, part in enumerate(range(0, len(rows), 300)):
+        with wds.TarWriter(str(out / f"{s:05d}.tar")) as w:
+            for i, r in rows.iloc[part:part + 300].iterrows():
+                w.write({"__key__": f"{i:06d}", "jpg": (out / r["image"]).read_bytes(), "txt": r["caption"]})
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_shards(corpus):
+    return f"{corpus}/{{00000..00003}}.tar"
