@@ -55,6 +55,14 @@ def lr_lambda(cfg: Config):
     return fn
 
 
+def model_init(cfg: Config, world_size: int, partition: bool):
+    """Context to build the model in. With ZeRO-3 and a task whose modules initialise their own parameters
+    (`Task.zero_init`), each parameter is partitioned as its module is built, so no rank ever holds the whole model
+    (ImageGPT-XL). Otherwise the model is built whole in host memory and deepspeed.initialize partitions it."""
+    return deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, world_size),
+                               enabled=partition and cfg.zero.stage == 3)
+
+
 class Engine:
     """A DeepSpeed engine built from our config; the trainer calls forward through `model`, then backward/step."""
 

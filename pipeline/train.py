@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint, config, data, distributed
-from pipeline.engine import Engine
+from pipeline.engine import Engine, model_init
 from pipeline.metrics import Metrics
 from pipeline.tasks import get_task
 
@@ -43,7 +43,8 @@ def train(cfg: config.Config, device: str) -> dict:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     task = get_task(cfg.task)(cfg)
-    model = task.build_model()
+    with model_init(cfg, info.world_size, task.zero_init):
+        model = task.build_model()
     engine = Engine(cfg, model, task.param_groups(model), device, info.world_size)
     state, rank_state = checkpoint.load(engine, ckpt_dir) or ({"step": 0, "samples": 0}, {})
     step, samples = state["step"], state["samples"]

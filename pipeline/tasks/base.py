@@ -15,6 +15,10 @@ _NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "pos_embed", "cls_
 
 class Task:
     ModelConfig: type[ModelConfig] = ModelConfig
+    # True when every module initialises only its own parameters, in its own __init__: then ZeRO-3 may partition
+    # parameters while the model is built (deepspeed.zero.Init), which would skip a parent's re-initialisation
+    # of its children's weights.
+    zero_init: bool = False
 
     def __init__(self, cfg: Config):
         self.check(cfg)

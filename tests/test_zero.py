@@ -1,0 +1,116 @@
+"""Two real processes over gloo: ZeRO stages 0-3 follow the same loss trajectory, and open_clip's distributed
+CLIP loss (features all-gathered with gradients) equals the single-process loss on the concatenated batch."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs/clip/tiny_cpu.yaml")
+WORLD, STEPS, ACCUMULATION, MICRO = 2, 5, 2, 4
+pytestmark = pytest.mark.slow
+
+
+def _batch(task, seed, n):
+    g = torch.Generator().manual_seed(seed)
+    ex = task.example_batch(n, "cpu")
+    return {"image": torch.randn(ex["image"].shape, generator=g),
+            "text": torch.randint(1, 400, ex["text"].shape, generator=g)}
+
+
+def _worker(rank, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NO_ALBUMENTATIONS_UPDATE="1")
+    import torch.distributed as dist
+
+    from pipeline import config, distributed
+    from pipeline.engine import Engine, model_init
+    from pipeline.tasks.clip import ClipTask
+
+    distributed.init("cpu")
+    results = {"losses": {}}
+    for stage in (0, 1, 2, 3):
+        cfg = config.load(TINY, [f"zero.stage={stage}", f"train.micro_batch_size={MICRO}",
+                                 f"train.global_batch_size={MICRO * ACCUMULATION * WORLD}", "optim.warmup_steps=1"])
+        task = ClipTask(cfg)
+        torch.manual_seed(0)
+        with model_init(cfg, WORLD, task.zero_init):
+            model = task.build_model()
+        engine = Engine(cfg, model, task.param_groups(model), "cpu", WORLD)
+        losses = []
+        for step in range(STEPS):
+            total = torch.zeros(())
+            for micro in range(ACCUMULATION):
+                loss, _ = task.loss(engine.model, _batch(task, 1000 * step + 10 * micro + rank, MICRO))
+                engine.backward(loss)
+                engine.step()
+                total += loss.detach()
+            task.after_step(engine)
+            dist.all_reduce(total)
+            losses.append(total.item() / (ACCUMULATION * WORLD))
+        results["losses"][stage] = losses
+
+    # Distributed loss vs one process on the whole batch, for both of open_clip's modes.
+    cfg = config.load(TINY)
+    for local_loss in (False, True):
+        cfg.model.local_loss = local_loss
+        task = ClipTask(cfg)
+        torch.manual_seed(0)
+        model = task.build_model()
+        full = _batch(task, 7, 2 * MICRO)  # the same on both ranks
+        mine = {k: v[rank * MICRO:(rank + 1) * MICRO] for k, v in full.items()}
+        loss, _ = task.loss(model, mine)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for g in grads.values():  # what data-parallel training applies: the mean over ranks
+            dist.all_reduce(g)
+            g /= WORLD
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        results[f"distributed_local_loss={local_loss}"] = (mean_loss.item() / WORLD, grads)
+        if local_loss is False:
+            results["rank_loss"] = loss.item()
+    dist.destroy_process_group()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def _single_process_reference():
+    from pipeline import config
+    from pipeline.tasks.clip import ClipTask
+
+    task = ClipTask(config.load(TINY))
+    torch.manual_seed(0)
+    model = task.build_model()
+    loss, _ = task.loss(model, _batch(task, 7, 2 * MICRO))
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from pipeline.distributed import free_port
+
+    out = tmp_path_factory.mktemp("zero")
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_zero_stages_follow_the_same_loss_trajectory(results):
+    losses = results[0]["losses"]
+    assert losses[0][-1] < losses[0][0]  # it trains
+    for stage in (1, 2, 3):
+        assert losses[stage] == pytest.approx(losses[0], rel=1e-5, abs=1e-6), f"ZeRO-{stage}"
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_distributed_clip_loss_equals_single_process_loss(results, local_loss):
+    ref_loss, ref_grads = _single_process_reference()
+    loss, grads = results[0][f"distributed_local_loss={local_loss}"]
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    if not local_loss:  # every rank scores the whole n x n matrix: each rank's loss is the full one
+        assert results[1]["rank_loss"] == pytest.approx(ref_loss, rel=1e-6)
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item()), \
+            f"{name}: max difference {(grads[name] - g).abs().max().item():.3g} of {g.abs().max().item():.3g}"
