@@ -92,7 +92,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, root: Path, step: int, state: dict[str, Any], rank_state: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank writes its DeepSpeed shards and its rank file. Returns the checkpoint directory."""
+    """Collective: every rank writes its DeepSpeed shards and its rank file. Returns the checkpoint directory.
+    Refuses (NonFiniteError) weights that hold NaN or Inf: the previous checkpoint stays `latest`."""
+    from pipeline.engine import NonFiniteError
+
+    if not engine.params_finite():
+        raise NonFiniteError(f"step {step}: weights hold NaN/Inf; not saving (latest stays {latest(Path(root))})")
     root = Path(root)
     tag = TAG.format(step)
     tmp_tag = f".tmp-{tag}"

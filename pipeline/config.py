@@ -66,6 +66,8 @@ class TrainConfig:
     save_every: int = 1000
     keep_last: int = 3
     seed: int = 0
+    max_skipped_in_a_row: int = 50  # optimizer steps skipped for non-finite gradients before the run aborts
+    peak_tflops: float = 0.0  # dense peak of one rank in train.precision, for MFU (set from the cluster profile)
 
 
 @dataclass
@@ -179,7 +181,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, device: Optional[str
         raise ConfigError(f"zero.offload_params=true needs zero.stage=3 (got {z.stage})")
     if z.offload_optimizer and z.stage == 0:
         raise ConfigError("zero.offload_optimizer=true needs zero.stage >= 1")
-    for key in ("steps", "global_batch_size", "micro_batch_size", "log_every", "save_every", "keep_last"):
+    for key in ("steps", "global_batch_size", "micro_batch_size", "log_every", "save_every", "keep_last",
+                "max_skipped_in_a_row"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)}: must be > 0")
     if t.global_batch_size % t.micro_batch_size:

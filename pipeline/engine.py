@@ -63,11 +63,19 @@ def model_init(cfg: Config, world_size: int, partition: bool):
                                enabled=partition and cfg.zero.stage == 3)
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: too many steps in a row with non-finite gradients, or non-finite weights."""
+
+
 class Engine:
     """A DeepSpeed engine built from our config; the trainer calls forward through `model`, then backward/step."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, param_groups: list[dict], device: str, world_size: int):
         self.cfg, self.device = cfg, torch.device(device)
+        # DeepSpeed skips a step whose gradients are not finite under ZeRO >= 1 and with fp16 loss scaling;
+        # plain ZeRO-0 in fp32/bf16 would apply it, so there the trainer stops at the first non-finite loss.
+        self.skips_nonfinite = cfg.zero.stage > 0 or cfg.train.precision == "fp16"
+        self._skipped_before, self.skipped_in_a_row = 0, 0
         self.dtype = DTYPES[cfg.train.precision]
         self.accumulation = grad_accumulation(cfg, world_size)
         o = cfg.optim
@@ -109,6 +117,31 @@ class Engine:
     @property
     def skipped_steps(self) -> int:
         return int(self.model.skipped_steps)
+
+    def check_divergence(self, step: int, loss: torch.Tensor) -> None:
+        """After each optimizer step: abort after train.max_skipped_in_a_row skipped steps in a row (fp16
+        overflows at the start are normal; an endless run of them is divergence), or at once where non-finite
+        gradients are not skipped."""
+        if not self.skips_nonfinite:
+            if not torch.isfinite(loss).all():
+                raise NonFiniteError(f"step {step}: loss is {loss.item()} and ZeRO-0 in {self.cfg.train.precision} "
+                                     "cannot skip the update; stopping before it reaches a checkpoint")
+            return
+        skipped = self.skipped_steps
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped > self._skipped_before else 0
+        self._skipped_before = skipped
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped_in_a_row:
+            raise NonFiniteError(
+                f"step {step}: {self.skipped_in_a_row} optimizer steps in a row skipped for non-finite gradients "
+                f"(train.max_skipped_in_a_row={self.cfg.train.max_skipped_in_a_row}); lower optim.lr, check the "
+                "data, or train in bf16 rather than fp16")
+
+    def params_finite(self) -> bool:
+        """Collective: are all weights (this rank's ZeRO-3 partitions) finite on every rank?"""
+        local = all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.module.parameters())
+        flag = torch.tensor(float(local), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def clamp_(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
         """Clamp a parameter in place. Under ZeRO or mixed precision the optimizer owns an fp32 master copy that

@@ -42,8 +42,11 @@ class Metrics:
             values["train/mfu"] = values["train/samples_per_s"] * self.flops_per_sample / self.peak_flops
         self._t, self._samples, self._data_wait = now, 0, 0.0
         self.scalars(step, values)
-        if self.enabled:
-            short = {k.split("/", 1)[1]: v for k, v in values.items() if v is not None}
+        if self.enabled:  # one concise line: per-rank memory only as its maximum
+            short = {k.split("/", 1)[1]: v for k, v in values.items() if v is not None and not k.startswith("memory/")}
+            memory = [v for k, v in values.items() if k.startswith("memory/allocated_gb/")]
+            if memory:
+                short["mem_gb_max"] = max(memory)
             log.info("step %d | %s", step, " ".join(f"{k} {_fmt(v)}" for k, v in short.items()))
         return values
 

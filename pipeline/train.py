@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -57,28 +58,21 @@ def train(cfg: config.Config, device: str) -> dict:
     stream = data.TrainStream(cfg.data.train, task.transform(train=True), cfg.train.micro_batch_size,
                               rank=info.rank, num_workers=cfg.data.num_workers, seed=cfg.data.seed,
                               open_shards=cfg.data.open_shards, state=rank_state.get("data"))
-    metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample())
+    metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(), cfg.train.peak_tflops * 1e12)
     last: dict[str, float] = {}
     while step < cfg.train.steps:
-        lr, loss_sum = engine.lr, torch.zeros((), device=device)
-        for _ in range(engine.accumulation):
-            t0 = time.perf_counter()
-            batch = engine.to_device(next(stream))
-            metrics.add_data_wait(time.perf_counter() - t0)
-            loss, logs = task.loss(engine.model, batch)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-        task.after_step(engine)
+        lr = engine.lr
+        loss, logs = _optimizer_step(task, engine, stream, metrics)
         step += 1
         samples += cfg.train.global_batch_size
         metrics.add_samples(cfg.train.global_batch_size)
+        engine.check_divergence(step, loss)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            dist.all_reduce(loss_sum)  # mean over ranks and micro-batches
+            dist.all_reduce(loss)
             last = metrics.log_window(step, {
-                "train/loss": loss_sum.item() / (engine.accumulation * info.world_size), "train/lr": lr,
-                "train/grad_norm": engine.grad_norm, "train/skipped_steps": engine.skipped_steps,
-                "data/skipped": stream.skipped, **{f"train/{k}": v for k, v in logs.items()}})
+                "train/loss": loss.item() / info.world_size, "train/lr": lr, "train/grad_norm": engine.grad_norm,
+                "train/skipped_steps": engine.skipped_steps, "data/skipped": stream.skipped,
+                **{f"train/{k}": v for k, v in logs.items()}, **_memory(device, info.world_size)})
         stop = _all_agree(STOP.is_set(), device)
         if stop or step % cfg.train.save_every == 0 or step == cfg.train.steps:
             checkpoint.save(engine, ckpt_dir, step, {
@@ -96,6 +90,38 @@ def train(cfg: config.Config, device: str) -> dict:
                     {f"hparam/{k.split('/')[1]}": v for k, v in last.items() if k in ("train/loss", "eval/zeroshot_top1")})
     metrics.close()
     return {**last, "step": step, "stopped": step < cfg.train.steps}
+
+
+def _optimizer_step(task, engine, stream, metrics) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step over engine.accumulation micro-batches; returns this rank's mean loss and the logs."""
+    loss_sum = torch.zeros((), device=engine.device)
+    for _ in range(engine.accumulation):
+        t0 = time.perf_counter()
+        batch = engine.to_device(next(stream))
+        metrics.add_data_wait(time.perf_counter() - t0)
+        loss, logs = task.loss(engine.model, batch)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed updates at the accumulation boundary
+        loss_sum += loss.detach().float()
+    task.after_step(engine)
+    return loss_sum / engine.accumulation, logs
+
+
+def _memory(device: str, world_size: int) -> dict[str, float]:
+    """Each rank's memory, gathered for rank 0: CUDA allocated/reserved, or the process RSS on CPU."""
+    if device == "cuda":
+        mine = [torch.cuda.memory_allocated() / 2**30, torch.cuda.memory_reserved() / 2**30]
+    else:
+        rss = psutil.Process().memory_info().rss / 2**30
+        mine = [rss, rss]
+    everyone = [torch.zeros(2, device=device) for _ in range(world_size)]
+    dist.all_gather(everyone, torch.tensor(mine, device=device))
+    out = {}
+    for rank, (allocated, reserved) in enumerate(t.tolist() for t in everyone):
+        out[f"memory/allocated_gb/rank{rank}"] = allocated
+        if device == "cuda":
+            out[f"memory/reserved_gb/rank{rank}"] = reserved
+    return out
 
 
 def _zeroshot(cfg, task, engine, step, metrics, info, device) -> dict[str, float]:

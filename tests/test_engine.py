@@ -57,3 +57,45 @@ def test_logit_scale_clamp_reaches_the_optimizer_master_copy(process_group, stag
     engine.step()  # the optimizer copies its master back into the module: it must hold the clamped value
     assert engine.module.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE, abs=1e-6)
     assert math.exp(engine.module.logit_scale.item()) <= 100 + 1e-3
+
+
+def test_nonfinite_gradients_skip_the_step_and_abort_after_too_many(process_group):
+    from pipeline.engine import NonFiniteError
+
+    cfg = config.load(TINY, ["zero.stage=2", "train.global_batch_size=4", "train.micro_batch_size=4",
+                             "train.max_skipped_in_a_row=2", "optim.warmup_steps=1"])
+    task = ClipTask(cfg)
+    model = task.build_model()
+    engine = Engine(cfg, model, task.param_groups(model), "cpu", world_size=1)
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    batch = task.example_batch(4, "cpu")
+    batch["image"].fill_(float("nan"))
+    for step in (1, 2):
+        loss, _ = task.loss(engine.model, batch)
+        engine.backward(loss)
+        engine.step()
+        if step == 1:
+            engine.check_divergence(step, loss.detach())
+    assert engine.skipped_steps == 2
+    assert all(torch.equal(p, before[n]) for n, p in engine.module.named_parameters())  # nothing applied
+    assert engine.params_finite()
+    with pytest.raises(NonFiniteError, match="2 optimizer steps in a row skipped"):
+        engine.check_divergence(2, loss.detach())
+
+
+def test_zero0_stops_at_the_first_nonfinite_loss_and_nan_weights_are_never_saved(process_group, tmp_path):
+    from pipeline import checkpoint
+    from pipeline.engine import NonFiniteError
+
+    cfg = config.load(TINY, ["zero.stage=0", "train.global_batch_size=4", "train.micro_batch_size=4"])
+    task = ClipTask(cfg)
+    model = task.build_model()
+    engine = Engine(cfg, model, task.param_groups(model), "cpu", world_size=1)
+    with pytest.raises(NonFiniteError, match="ZeRO-0 in fp32 cannot skip"):
+        engine.check_divergence(1, torch.tensor(float("nan")))
+    with torch.no_grad():
+        engine.module.logit_scale.fill_(float("nan"))
+    assert not engine.params_finite()
+    with pytest.raises(NonFiniteError, match="weights hold NaN/Inf; not saving"):
+        checkpoint.save(engine, tmp_path, 1, {"step": 1}, {}, keep_last=1)
+    assert not any(tmp_path.iterdir())

@@ -21,7 +21,7 @@ def launch(run_dir, corpus, *extra):
            f"data.train={corpus}/{{00000..00003}}.tar", f"run.dir={run_dir}", f"train.steps={STEPS}",
            "train.global_batch_size=128", "train.micro_batch_size=64", f"train.save_every={SAVE_EVERY}",
            "train.log_every=5", "optim.warmup_steps=5", "optim.lr=2e-3", "zero.stage=2",
-           f"eval.zeroshot={corpus}/val", *extra]
+           f"eval.zeroshot={corpus}/val", "train.peak_tflops=0.19", *extra]  # 2 cores x 3 GHz x 32 FLOP/cycle
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r.stdout + r.stderr
@@ -45,12 +45,15 @@ def test_zero2_two_ranks_train_and_loss_falls(run_a):
     assert "2 ranks on cpu, ZeRO-2" in log
     s = scalars(run_dir)
     for tag in ("train/loss", "train/lr", "train/samples_per_s", "train/logit_scale", "train/grad_norm",
-                "train/data_wait_fraction", "data/skipped", "eval/zeroshot_top1"):
+                "train/data_wait_fraction", "train/mfu", "train/skipped_steps", "data/skipped",
+                "memory/allocated_gb/rank0", "memory/allocated_gb/rank1", "eval/zeroshot_top1"):
         assert tag in s, f"{tag} missing from {sorted(s)}"
     loss = s["train/loss"]
     assert sorted(loss) == list(range(5, STEPS + 1, 5))
     assert loss[STEPS] < loss[5] - 0.3, loss
-    assert s["data/skipped"][STEPS] == 0
+    assert s["data/skipped"][STEPS] == 0 and s["train/skipped_steps"][STEPS] == 0
+    assert 0 < s["train/mfu"][STEPS] < 1
+    assert 0.2 < s["memory/allocated_gb/rank1"][STEPS] < 8  # each rank's RSS on CPU
     assert 0 <= s["eval/zeroshot_top1"][STEPS] <= 1
 
 
