@@ -159,5 +159,5 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if any(path.glob("*optim_states.pt")) and read_state(path).get("zero_stage", 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     return {k: v.float() for k, v in module.items()}

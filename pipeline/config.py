@@ -196,6 +196,12 @@ def validate(cfg: Config, world_size: Optional[int] = None, device: Optional[str
     if device == "cpu" and t.precision != "fp32":
         raise ConfigError(
             f"train.precision={t.precision} needs a GPU; this run is on CPU (use train.precision=fp32)")
+    if device == "cuda" and t.precision == "bf16":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision=bf16 needs compute capability >= 8.0 (A100/H100), this GPU is "
+                              f"{torch.cuda.get_device_name()} (use train.precision=fp16, with loss scaling)")
     if device == "cpu" and t.device == "cuda":
         raise ConfigError("train.device=cuda but no CUDA device is available")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

@@ -68,6 +68,20 @@ def test_logit_scale_is_1d_for_deepspeed_and_exports_to_open_clip(task, tmp_path
     assert to_open_clip(model.state_dict())["logit_scale"].shape == ()
 
 
+def test_activation_checkpointing_changes_memory_not_results():
+    plain = ClipTask(config.load(TINY))
+    checkpointed = ClipTask(config.load(TINY, ["model.grad_checkpointing=true"]))
+    results = []
+    for task in (plain, checkpointed):
+        torch.manual_seed(0)
+        model = task.build_model()
+        loss, _ = task.loss(model, _batch(task))
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert checkpointed.cfg.model.grad_checkpointing and results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+
+
 def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale(task):
     model = task.build_model(device="meta")
     decay, no_decay = task.param_groups(model)

@@ -95,3 +95,22 @@ def test_zeroshot_cli_on_the_checkpoint(run_a, corpus):
     result = json.loads((run_dir / "eval" / "zeroshot.json").read_text())
     assert result["n"] == 240 and result["classes"] == 24 and result["step"] == STEPS
     assert result["top1"] == pytest.approx(scalars(run_dir)["eval/zeroshot_top1"][STEPS], abs=1e-6)
+
+
+def test_export_loads_in_open_clip(run_a, tmp_path):
+    import open_clip
+    import torch
+
+    from pipeline.eval.__main__ import load_model
+
+    run_dir, _ = run_a
+    out = tmp_path / "clip.pt"
+    r = subprocess.run([sys.executable, "-m", "pipeline.export", str(run_dir), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out, weights_only=True)["logit_scale"].shape == ()  # open_clip's own layout
+    ours = load_model(run_dir)[2]
+    theirs = open_clip.create_model("CLIP-tiny", pretrained=str(out)).eval()
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(theirs.encode_image(image), ours.encode_image(image))
