@@ -17,6 +17,7 @@ is reported once per stream with its path.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class ShardStream(IterableDataset):
             raise ValueError("no shards to read")
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
         self.seed, self.open_shards = seed, open_shards
+        self._reported: set[str] = set()
         self.slots = max(1, num_workers)
         # slot i of this rank plays stream resume[i] (the order in which the trainer will consume them)
         self.states = resume or [vars(StreamState(stream=rank * self.slots + i)) for i in range(self.slots)]
@@ -108,10 +110,14 @@ class ShardStream(IterableDataset):
             # Per-batch seeding: random augmentations replay exactly after a resume.
             torch.manual_seed(hash((self.seed, state.stream, state.batches)) & (2**63 - 1))
             while len(samples) < self.batch_size:
+                failed = 0
                 while len(shards) < self.open_shards:
                     shard = self._open(self.urls[rng.randrange(len(self.urls))], rng.getrandbits(63), 0, state)
                     if shard is not None:
                         shards.append(shard)
+                    elif (failed := failed + 1) >= max(64, 4 * len(self.urls)):
+                        raise RuntimeError(f"{failed} shards in a row were empty or unreadable, e.g. "
+                                           f"{self.urls[0]}: is data.train right?")
                 j = rng.randrange(len(shards))
                 raw = shards[j].samples[shards[j].offset]
                 shards[j].offset += 1
@@ -132,11 +138,18 @@ class ShardStream(IterableDataset):
         shard = _Shard(url, perm_seed, offset)
         if shard.error is not None:
             state.skipped += 1
-            log.warning("shard %s is damaged (%d samples readable): %s", url, len(shard.samples), repr(shard.error)[:200])
+            self._warn_once(url, f"shard {url} is damaged ({len(shard.samples)} samples readable): "
+                                 f"{repr(shard.error)[:200]}")
         if shard.done():
-            log.warning("skipping empty shard %s", url)
+            self._warn_once(url, f"skipping empty shard {url}")
             return None
         return shard
+
+    def _warn_once(self, url: str, message: str) -> None:
+        # Resampling meets a bad shard again and again; one line per shard and stream is enough.
+        if url not in self._reported:
+            self._reported.add(url)
+            log.warning(message)
 
 
 def _as_tuple(x):
@@ -152,6 +165,8 @@ class TrainStream:
         urls = expand_urls(spec)
         if not urls:
             raise ValueError(f"data.train={spec!r}: no shards")
+        if all("://" not in u and not u.startswith("pipe:") for u in urls) and not any(map(os.path.exists, urls)):
+            raise FileNotFoundError(f"data.train={spec!r}: none of its {len(urls)} shards exists (e.g. {urls[0]})")
         resume = None
         if state:
             if state["num_workers"] != num_workers:

@@ -68,3 +68,14 @@ def test_resumed_stream_yields_exactly_what_an_uninterrupted_one_would(shards, w
     assert not torch.equal(next(other_rank)["image"], expected[0]["image"])  # ranks read different streams
     with pytest.raises(ValueError, match="data.num_workers"):
         TrainStream(shards, augment, state=state, **{**kwargs, "num_workers": workers + 1})
+
+
+def test_missing_or_empty_shards_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="none of its 3 shards exists"):
+        TrainStream(str(tmp_path / "{0..2}.tar"), transform, batch_size=2, num_workers=0)
+    for i in range(2):
+        with wds.TarWriter(str(tmp_path / f"empty{i}.tar")):
+            pass
+    stream = TrainStream(str(tmp_path / "empty{0..1}.tar"), transform, batch_size=2, num_workers=0)
+    with pytest.raises(RuntimeError, match="shards in a row were empty or unreadable"):
+        next(stream)

@@ -1,0 +1,251 @@
+"""`launch slurm` against a real SLURM cluster (slurmctld, slurmd, slurmdbd + MariaDB, munged) that
+tests/slurm/start.sh starts for this session and tests/slurm/stop.sh stops: no mock anywhere.
+
+The long jobs are submitted up front and run side by side (the node advertises 6 CPUs, each job takes 2), because
+much of their time goes to SLURM's timers (requeue delay, the 30 s time-limit tick), not to computing:
+  train    2-rank CLIP, interrupted by `scontrol requeue` after its first checkpoint; resumes and finishes
+  timeout  once it trains, its time limit is cut so that SLURM's USR2 (signal_delay_s before the limit) comes:
+           it saves, requeues itself through submitit, resumes from that step and finishes
+  failing  its run dir's `latest` points at a missing checkpoint: the job fails, status shows error and log
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import submitit
+import webdataset as wds
+
+from data_tools.demo_corpus import make_corpus
+from launch import runs
+from launch.__main__ import main as launch_main
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+BINARIES = ("munged", "slurmctld", "slurmd", "slurmdbd", "mariadbd", "mariadb-install-db", "sbatch")
+STEPS = 60  # the requeued job
+TIMEOUT_STEPS = 250  # ~50 s of training alone: still training when USR2 comes, <= 30 s after the cut
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private one-node cluster for the session; exactly its daemons are stopped afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("SLURM tests run slurmd and munged as root (tests/slurm/start.sh): not root")
+    missing = [b for b in BINARIES if not shutil.which(b)]
+    if missing and not shutil.which("apt-get"):
+        pytest.skip(f"SLURM tests need {', '.join(missing)}, and there is no apt-get to install them")
+    state = tmp_path_factory.mktemp("slurm")
+    r = subprocess.run(["bash", str(ROOT / "tests/slurm/start.sh"), str(state)], capture_output=True, text=True,
+                       env={**os.environ, "SLURM_TEST_CPUS": "6"}, timeout=900)
+    if r.returncode:
+        subprocess.run(["bash", str(ROOT / "tests/slurm/stop.sh"), str(state)], timeout=120)
+        pytest.fail(f"tests/slurm/start.sh failed:\n{r.stderr[-3000:]}")
+    pids = {p.stem: int(p.read_text()) for p in (state / "run").glob("*.pid")}
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "etc" / "slurm.conf")  # for sacct/scontrol here and in submitit
+    yield state
+    subprocess.run(["bash", str(ROOT / "tests/slurm/stop.sh"), str(state)], timeout=120)
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    alive = [name for name, pid in pids.items() if _alive(pid)]
+    assert not alive, f"stop.sh left {alive} running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    make_corpus(out, n_train=600, n_val=48, seed=0, size=32)
+    rows = pd.read_parquet(out / "train.parquet")
+    for s, part in enumerate(range(0, len(rows), 300)):
+        with wds.TarWriter(str(out / f"{s:05d}.tar")) as w:
+            for i, r in rows.iloc[part:part + 300].iterrows():
+                w.write({"__key__": f"{i:06d}", "jpg": (out / r["image"]).read_bytes(), "txt": r["caption"]})
+    return out
+
+
+def launch(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m launch ARGS`, run in this process (the same main() as the command line; imports paid once)."""
+    out, err = io.StringIO(), io.StringIO()
+    # From the repository root, as a user would: jobs start in the submission directory.
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = launch_main(list(args))
+    r = subprocess.CompletedProcess(["python", "-m", "launch", *args], rc, out.getvalue(), err.getvalue())
+    assert not check or rc == 0, r.stdout + r.stderr
+    return r
+
+
+def submit(run_dir: Path, corpus: Path, *extra: str, cluster: str = "cpu") -> str:
+    r = launch("slurm", "configs/clip/tiny_cpu.yaml", "--cluster", cluster, "--nodes", "1", "--time", "10",
+               f"data.train={corpus}/{{00000..00001}}.tar", f"run.dir={run_dir}", "train.global_batch_size=32",
+               "train.micro_batch_size=16", "train.log_every=5", "optim.warmup_steps=5", "eval.zeroshot=null",
+               "data.num_workers=1", *extra)
+    return re.search(r"submitted job (\d+)", r.stdout)[1]
+
+
+def sacct_states(job: str) -> list[str]:
+    """Every start of the job, oldest first (-D: a requeued job shows REQUEUED, then its next start)."""
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                         text=True, timeout=60).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def wait_until(predicate, timeout: float, what: str, run_dir: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    status = runs.status(str(run_dir)) if run_dir else ""  # not launch(): this may run in a watcher thread
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{status}")
+
+
+def wait_done(job: str, run_dir: Path, timeout: float = 480) -> list[str]:
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+    return wait_until(lambda: (s := sacct_states(job)) and s[-1] in final and s, timeout, f"job {job} to end",
+                      run_dir)
+
+
+def rank_log(run_dir: Path, job: str, rank: int = 0) -> str:
+    return (run_dir / "slurm" / job / f"{job}_{rank}_log.err").read_text()
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, corpus, tmp_path_factory):
+    """Submit the long jobs now, so that they share the cluster's time, and act on them while they run."""
+    runs = tmp_path_factory.mktemp("runs")
+    failing = runs / "failing"
+    (failing / "checkpoints").mkdir(parents=True)
+    (failing / "checkpoints" / "latest").write_text("step_000010")  # a checkpoint that was deleted
+    # A site profile of our own (--cluster PATH): USR2 90 s before the limit, at most 3 time-outs per run.
+    profile = runs / "site.yaml"
+    profile.write_text((ROOT / "configs/clusters/cpu.yaml").read_text()
+                       .replace("signal_delay_s: 60", "signal_delay_s: 90").replace("max_requeues: 10", "max_requeues: 3"))
+    train = runs / "train", submit(runs / "train", corpus, f"train.steps={STEPS}", "train.save_every=10")
+    timeout = runs / "timeout", submit(runs / "timeout", corpus, f"train.steps={TIMEOUT_STEPS}",
+                                       "train.save_every=10", cluster=str(profile))
+    failing_job = failing, submit(failing, corpus, "train.steps=5")
+    with ThreadPoolExecutor(2) as pool:  # both long jobs need the test to act while they run
+        yield {"train": train, "timeout": timeout, "failing": failing_job,
+               "requeued": pool.submit(requeue_after_first_checkpoint, *train),
+               "timed_out": pool.submit(cut_time_limit_once_training, *timeout)}
+
+
+def requeue_after_first_checkpoint(run_dir: Path, job: str) -> tuple[int, list[str]]:
+    """`scontrol requeue` once the first checkpoint exists; returns its step and the job's states at the end."""
+    latest = run_dir / "checkpoints" / "latest"
+    wait_until(latest.is_file, 420, "the first checkpoint", run_dir)
+    at_requeue = int(latest.read_text().strip().split("_")[1])
+    assert sacct_states(job)[-1] == "RUNNING"
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    return at_requeue, wait_done(job, run_dir)
+
+
+def cut_time_limit_once_training(run_dir: Path, job: str) -> list[str]:
+    """Once the job trains, cut its limit to 2 minutes past the current minute: the limit is then 60-120 s away,
+    USR2 (90 s before it) is due within 30 s, and SLURM's time-limit check sends it at its next 30 s tick."""
+    wait_until((run_dir / "checkpoints" / "latest").is_file, 420, "the job to train", run_dir)
+    elapsed = int(subprocess.run(["sacct", "-X", "-n", "-o", "ElapsedRaw", "-j", job], capture_output=True,
+                                 text=True, timeout=60).stdout.split()[0])
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={elapsed // 60 + 2}"], check=True, timeout=60)
+    wait_until(lambda: "REQUEUED" in sacct_states(job), 180, "the time-limit requeue", run_dir)
+    # A requeued job keeps its TimeLimit: give the restart its 10 minutes back, so that one time-out is tested.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, timeout=60)
+    return wait_done(job, run_dir)
+
+
+def test_two_rank_job_trains_and_checkpoints(jobs):
+    run_dir, job = jobs["train"]
+    _, states = jobs["requeued"].result(timeout=900)
+    assert states[-1] == "COMPLETED", launch("status", str(run_dir)).stdout
+    log = rank_log(run_dir, job)
+    assert "2 ranks on cpu, ZeRO-2" in log
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:06d}"
+    assert (run_dir / "config.yaml").is_file()
+    # submitit's own view of the job: result of rank 0 (with 2 tasks per node, job.result() would assert).
+    result = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job, tasks=(0, 1)).task(0).result()
+    assert result["step"] == STEPS and not result["stopped"]
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint(jobs):
+    run_dir, job = jobs["train"]
+    at_requeue, states = jobs["requeued"].result(timeout=900)
+    assert states == ["REQUEUED", "COMPLETED"]
+    log = rank_log(run_dir, job)
+    assert "starting from step 0" in log
+    resumed = int(re.search(r"resuming from step (\d+)", log)[1])
+    assert at_requeue <= resumed < STEPS  # SIGTERM may have let it save once more before it ended
+    assert sorted(re.findall(r"step (\d+) \|", log.split("resuming from step")[1]), key=int)[-1] == str(STEPS)
+    status = launch("status", str(run_dir)).stdout
+    assert f"job {job}  COMPLETED" in status and "requeued 1x" in status
+    assert f"checkpoint step {STEPS} of {STEPS}" in status
+
+
+def test_time_limit_saves_requeues_and_resumes(jobs):
+    run_dir, job = jobs["timeout"]
+    states = jobs["timed_out"].result(timeout=900)
+    assert states == ["REQUEUED", "COMPLETED"], states
+    log = rank_log(run_dir, job)
+    saved = int(re.search(r"stopped on SIGUSR2: checkpoint of step (\d+) saved", log)[1])
+    assert "this job is timed-out" in log and f"Requeued job {job}" in log  # submitit's own words
+    assert re.search(r"resuming from step (\d+)", log)[1] == str(saved)  # the restart starts where it saved
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{TIMEOUT_STEPS:06d}"
+    result = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job, tasks=(0, 1)).task(0).result()
+    assert result["step"] == TIMEOUT_STEPS and not result["stopped"]
+
+
+def test_failing_job_reports_its_error_and_log(jobs):
+    run_dir, job = jobs["failing"]
+    assert wait_done(job, run_dir)[-1] == "FAILED"
+    status = launch("status", str(run_dir)).stdout
+    assert f"job {job}  FAILED" in status
+    error = re.search(r"error \(ranks? (\d)[\d, ]*\): (.+)", status)
+    log_path = Path(re.search(r"log: (\S+)", status)[1])
+    log = log_path.read_text()
+    assert error and "Traceback" in log and error[2] in log  # the error line is the traceback's last line
+    assert log_path == run_dir / "slurm" / job / f"{job}_{error[1]}_log.err"
+    assert "latest" in error[2] or "state.json" in error[2]
+    out = launch("logs", str(run_dir), "--rank", error[1], "--lines", "60").stdout
+    assert str(log_path) in out and error[2] in out
+
+
+def test_cancel_a_run(slurm_cluster, corpus, tmp_path):
+    run_dir = tmp_path / "cancel"
+    job = submit(run_dir, corpus, "train.steps=1000")
+    again = launch("slurm", "configs/clip/tiny_cpu.yaml", "--cluster", "cpu", f"data.train={corpus}/00000.tar",
+                   f"run.dir={run_dir}", check=False)
+    assert again.returncode == 2 and f"already has job {job}" in again.stderr  # one run, one job at a time
+    out = launch("cancel", str(run_dir)).stdout
+    assert re.match(rf"cancelled job {job} \((PENDING|RUNNING)\)", out), out
+    assert wait_done(job, run_dir, timeout=120)[-1] == "CANCELLED"
+    assert f"job {job}  CANCELLED" in launch("status", str(run_dir)).stdout
+    assert "nothing to cancel" in launch("cancel", str(run_dir)).stdout
+
+
+def test_sbatch_refusal_is_one_line(slurm_cluster, corpus, tmp_path):
+    r = launch("slurm", "configs/clip/tiny_cpu.yaml", "--cluster", "cpu", "--partition", "nosuch",
+               f"data.train={corpus}/00000.tar", f"run.dir={tmp_path}/run", check=False)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: sbatch refused the job:"), r.stderr
+    assert "partition" in r.stderr.lower()
