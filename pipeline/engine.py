@@ -146,6 +146,8 @@ class Engine:
     def clamp_(self, param: torch.nn.Parameter, lo: float, hi: float) -> None:
         """Clamp a parameter in place. Under ZeRO or mixed precision the optimizer owns an fp32 master copy that
         would overwrite the module's at the next step, so the master is clamped too. Collective: all ranks call."""
+        if self.cfg.zero.stage < 3 and lo <= param.min().item() and param.max().item() <= hi:
+            return  # below ZeRO-3 the module holds the whole parameter, equal to its master after the step
         master = safe_get_full_fp32_param(param)
         if master is None:  # the module's parameter is the master (ZeRO-0, fp32)
             with torch.no_grad():
