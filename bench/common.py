@@ -6,7 +6,6 @@ import os
 import pickle
 import re
 import statistics
-import sys
 import tempfile
 import textwrap
 from pathlib import Path

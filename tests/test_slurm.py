@@ -20,12 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import submitit
-import webdataset as wds
 
-from data_tools.demo_corpus import make_corpus
 from launch import runs
 from launch.__main__ import main as launch_main
 
@@ -70,18 +67,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    make_corpus(out, n_train=600, n_val=48, seed=0, size=32)
-    rows = pd.read_parquet(out / "train.parquet")
-    for s, part in enumerate(range(0, len(rows), 300)):
-        with wds.TarWriter(str(out / f"{s:05d}.tar")) as w:
-            for i, r in rows.iloc[part:part + 300].iterrows():
-                w.write({"__key__": f"{i:06d}", "jpg": (out / r["image"]).read_bytes(), "txt": r["caption"]})
-    return out
 
 
 def launch(*args: str, check: bool = True) -> subprocess.CompletedProcess:
