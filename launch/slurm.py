@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import shlex
 import signal
 import uuid
@@ -173,6 +174,10 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         from pipeline import distributed, train
 
+        # sbatch exports the submitting shell's environment: a RANK or MASTER_PORT found there describes that
+        # process (say, a notebook holding a process group), not this job, whose ranks come from SLURM.
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
         logging.getLogger("pipeline").setLevel(logging.INFO)
