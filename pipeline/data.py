@@ -86,17 +86,12 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], transform: Callable[[dict], dict], batch_size: int, *, rank: int = 0,
                  num_workers: int = 0, seed: int = 0, open_shards: int = 4,
                  resume: list[dict] | None = None):
-        if not urls:
-            raise ValueError("no shards to read")
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
         self.seed, self.open_shards = seed, open_shards
         self._reported: set[str] = set()
         self.slots = max(1, num_workers)
         # slot i of this rank plays stream resume[i] (the order in which the trainer will consume them)
         self.states = resume or [vars(StreamState(stream=rank * self.slots + i)) for i in range(self.slots)]
-        if len(self.states) != self.slots:
-            raise ValueError(f"saved data position has {len(self.states)} streams, this run has {self.slots} "
-                             "(data.num_workers must not change on resume)")
 
     def __iter__(self):
         info = get_worker_info()
@@ -131,7 +126,7 @@ class ShardStream(IterableDataset):
             state.batches += 1
             state.rng, state.open = rng.getstate(), [[s.url, s.perm_seed, s.offset] for s in shards]
             batch = default_collate(samples)
-            batch[STATE] = vars(state) | {"open": list(state.open)}
+            batch[STATE] = dict(vars(state))  # a snapshot: `state` moves on with the next batch
             yield batch
 
     def _open(self, url: str, perm_seed: int, offset: int, state: StreamState) -> _Shard | None:

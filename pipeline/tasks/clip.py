@@ -67,13 +67,10 @@ class ClipTask(Task):
         self._loss = None
 
     def build_model(self, device="cpu") -> nn.Module:
-        # What open_clip.create_model does for a fresh model, minus the class: ours holds logit_scale as [1]
-        # from __init__ on, so that ZeRO-3's zero.Init, which partitions parameters as modules are built, never
-        # meets a 0-dim one.
-        model_cfg = open_clip.get_model_config(self.cfg.model.name)
-        custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in model_cfg.get("text_cfg", {})
         with torch.device(device):
-            model = (CustomTextCLIP1d if custom_text else CLIP1d)(**model_cfg, output_dict=True)
+            model = open_clip.create_model(self.cfg.model.name, device=device, output_dict=True)
+        # Before deepspeed.initialize, which cannot broadcast a 0-dim parameter (module docstring).
+        model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))
         if self.cfg.model.grad_checkpointing:
             model.set_grad_checkpointing(True)
         return model
@@ -110,20 +107,6 @@ class ClipTask(Task):
 
     def export(self, state_dict, path):
         torch.save(to_open_clip(state_dict), path)
-
-
-# Each class defines __init__ itself: zero.Init wraps only __init__s found in a class's own __dict__, and runs
-# its partitioning once, after the outermost wrapped __init__ returns, i.e. after the reshape.
-class CLIP1d(open_clip.CLIP):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.logit_scale = nn.Parameter(self.logit_scale.detach().reshape(1))
-
-
-class CustomTextCLIP1d(open_clip.CustomTextCLIP):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.logit_scale = nn.Parameter(self.logit_scale.detach().reshape(1))
 
 
 def to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
