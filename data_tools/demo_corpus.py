@@ -148,26 +148,91 @@ def _closed_port() -> int:
 
 
 def bad_url_rows(base_url: str) -> list[dict]:
-    """Rows that must fail, one per failure reason; the caption names the reason `data_tools download` reports."""
+    """Rows that must not become samples, one per outcome (two time out); the caption names the reason
+    `data_tools download` reports, except for the row without a caption."""
     rows = [
         (f"{base_url}/bad/missing.jpg", "http_404"),
+        (f"{base_url}/bad/error.jpg", "http_5xx"),
+        (f"{base_url}/bad/loop.jpg", "redirect_loop"),  # redirects to itself
         (f"{base_url}/bad/notimage.jpg", "decode_error"),  # 200 text/html
         (f"{base_url}/bad/truncated.jpg", "truncated"),  # body shorter than Content-Length
-        (f"{base_url}/bad/slow.jpg", "timeout"),
+        (f"{base_url}/bad/slow.jpg", "timeout"),  # answers after 30 s
+        (f"{base_url}/bad/never.jpg", "timeout"),  # reads the request, never answers
+        (f"{base_url}/bad/bomb.png", "image_too_large"),  # a 400 KB PNG of 20k x 20k pixels
         (f"http://127.0.0.1:{_closed_port()}/images/000000.jpg", "connection_refused"),
         ("", "empty_url"),
         ("ftp://127.0.0.1/images/000000.jpg", "unsupported_scheme"),
+        (f"{base_url}/images/000000.jpg", "duplicate_url"),  # the first training image again
     ]
-    return [{"url": url, "caption": f"bad url: {reason}"} for url, reason in rows]
+    return [{"url": url, "caption": f"bad url: {reason}"} for url, reason in rows] + [
+        {"url": f"{base_url}/odd/cmyk.jpg?uncaptioned", "caption": ""}]  # missing_caption
+
+
+# Images OpenCV alone would get wrong; each must come out as an upright 8-bit RGB red-over-blue image
+# (data_tools/img2dataset_hooks.py). Name -> (format, PIL save arguments) of the served file.
+ODD_IMAGES = ("cmyk.jpg", "gray16.png", "rgb16.png", "palette.png", "rotated.jpg")
+
+
+def odd_image_rows(base_url: str) -> list[dict]:
+    return [{"url": f"{base_url}/odd/{name}", "caption": f"odd image: {name}"} for name in ODD_IMAGES]
+
+
+def reference_image(size: tuple[int, int] = (48, 32)) -> Image.Image:
+    """The upright picture every odd image encodes: red top half, blue bottom half, wider than high."""
+    img = Image.new("RGB", size, (40, 60, 220))
+    img.paste((220, 40, 40), (0, 0, size[0], size[1] // 2))
+    return img
+
+
+@functools.cache
+def odd_image(name: str) -> bytes:
+    ref, buf = reference_image(), io.BytesIO()
+    if name == "cmyk.jpg":
+        ref.convert("CMYK").save(buf, "JPEG", quality=95)  # Adobe-style CMYK JPEG
+    elif name == "gray16.png":  # a grey ramp: the top half light, the bottom dark, 16 bits per pixel
+        grey = np.where(np.arange(ref.height)[:, None] < ref.height // 2, 50000, 10000) * np.ones((1, ref.width))
+        Image.fromarray(grey.astype(np.uint16)).save(buf, "PNG")
+    elif name == "rgb16.png":
+        import cv2  # PIL cannot write 16-bit RGB; cv2 (an img2dataset dependency) can, in BGR order
+        _, png = cv2.imencode(".png", np.asarray(ref)[..., ::-1].astype(np.uint16) * 257)
+        buf.write(png.tobytes())
+    elif name == "palette.png":
+        ref.convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(buf, "PNG")
+    elif name == "rotated.jpg":  # stored on its side, with EXIF orientation 6 (rotate 90 clockwise to view)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        ref.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=95, exif=exif)
+    else:
+        raise KeyError(name)
+    return buf.getvalue()
+
+
+@functools.cache
+def _bomb_png() -> bytes:
+    """A valid PNG of 20000 x 20000 black pixels, compressed to ~400 KB: 1.2 GB once decoded as RGB."""
+    import struct
+    import zlib
+
+    side = 20000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\x00" + b"\x00" * side  # filter byte + one grey byte per pixel
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def write_url_list(out: str | Path, base_url: str, bad_urls: bool = False) -> pd.DataFrame:
-    """OUT/urls.parquet and OUT/urls.csv (url, caption), one row per training image (+ failing rows at the end)."""
+    """OUT/urls.parquet and OUT/urls.csv (url, caption), one row per training image; with bad_urls, then the rows
+    that must fail and the odd images that must succeed."""
     out = Path(out)
     train = pd.read_parquet(out / "train.parquet")
-    urls = pd.DataFrame({"url": base_url.rstrip("/") + "/" + train["image"], "caption": train["caption"]})
+    base_url = base_url.rstrip("/")
+    urls = pd.DataFrame({"url": base_url + "/" + train["image"], "caption": train["caption"]})
     if bad_urls:
-        urls = pd.concat([urls, pd.DataFrame(bad_url_rows(base_url.rstrip("/")))], ignore_index=True)
+        urls = pd.concat([urls, pd.DataFrame(bad_url_rows(base_url) + odd_image_rows(base_url))], ignore_index=True)
     urls.to_parquet(out / "urls.parquet", index=False)
     urls.to_csv(out / "urls.csv", index=False)
     return urls
@@ -203,6 +268,23 @@ class _Handler(SimpleHTTPRequestHandler):
         elif self.path == "/bad/slow.jpg":
             self.server.stopping.wait(30)  # type: ignore[attr-defined]
             self._send(_sample_jpeg(), "image/jpeg")
+        elif self.path == "/bad/never.jpg":
+            self.server.stopping.wait(600)  # type: ignore[attr-defined]
+        elif self.path == "/bad/error.jpg":
+            self.send_error(500)
+        elif self.path == "/bad/loop.jpg":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/bad/bomb.png":
+            self._send(_bomb_png(), "image/png")
+        elif self.path.startswith("/odd/"):
+            name = self.path[len("/odd/"):].split("?")[0]
+            if name not in ODD_IMAGES:
+                self.send_error(404)
+                return
+            self._send(odd_image(name), "image/png" if name.endswith(".png") else "image/jpeg")
         else:
             super().do_GET()
 
@@ -228,6 +310,8 @@ class _Server(ThreadingHTTPServer):
 
 def serve(root: str | Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A bound (not yet serving) threading HTTP server for root; call serve_forever() or use start_server()."""
+    # the bomb takes a second to compress: have it ready before a client with a short timeout asks
+    threading.Thread(target=_bomb_png, daemon=True, name="demo-corpus-bomb").start()
     try:
         return _Server((host, port), Path(root))
     except OSError as e:

@@ -1,146 +1,131 @@
 """URL list -> WebDataset shards with img2dataset, then SHARDS/manifest.json.
 
-img2dataset does the downloading, resizing, sharding and incremental resume (rerun the same command after an
-interruption: finished shards are kept). Rows without an http(s) URL are dropped beforehand and counted under
-empty_url / unsupported_scheme / invalid_url: img2dataset's urllib would read file:// URLs from the local disk
-and report ftp:// ones as connection errors. Dropping them renumbers the keys (keys number the rows handed to
-img2dataset); each sample's .json keeps its url.
+data_tools/url_list.py reads the list and drops (and counts) the rows no download should be tried for; img2dataset
+downloads, resizes, shards and resumes: rerun the same command after an interruption and finished shards are kept.
+`--slurm CLUSTER` runs the same download as a SLURM job array (data_tools/download_array.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import signal
-import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from data_tools import DataToolsError
+from data_tools import url_list as lists
 from data_tools.manifest import MANIFEST, write_manifest
 
-FORMATS = {  # file suffix -> img2dataset input_format
-    ".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv.gz", ".tsv": "tsv", ".tsv.gz": "tsv.gz",
-    ".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".json": "json", ".json.gz": "json.gz",
-}
 # settings that shape the shards: an incremental rerun must not mix shards made with different ones
-SHARD_SETTINGS = ("image_size", "resize_mode", "number_sample_per_shard", "url_col", "caption_col")
+SHARD_SETTINGS = ("image_size", "resize_mode", "number_sample_per_shard", "min_image_size", "max_aspect_ratio",
+                  "max_image_area")
+INPUT = "_input.parquet"  # the kept rows, as img2dataset reads them (kept for reruns: same rows, same shards)
+# Image side per target model: CLIP towers train at their open_clip image_size (random-resized crops of the whole
+# image, so the stored image keeps its ratio), ImageGPT at its palette resolution (centre crops, square).
+TARGETS = {"ViT-B-32": 224, "ViT-B-16": 224, "ViT-L-14": 224, "ViT-L-14-336": 336, "RN50": 224, "RN101": 224,
+           "RN50x4": 288, "RN50x16": 384, "RN50x64": 448, "vit-224": 224, "vit-384": 384,
+           "igpt-32": 32, "igpt-48": 48, "igpt-64": 64}
 
 
-def detect_format(path: Path, given: str = "auto") -> str:
-    if given != "auto":
-        if given not in FORMATS.values():
-            raise DataToolsError(f"unsupported --input-format {given!r} (one of {', '.join(FORMATS.values())})")
-        return given
-    fmt = next((f for suffix, f in FORMATS.items() if path.name.lower().endswith(suffix)), None)
-    if fmt is None:
-        raise DataToolsError(f"{path}: unsupported format (suffixes: {', '.join(FORMATS)}); see --input-format")
-    return fmt
+@dataclass
+class Options:
+    """How rows become shards (flags of `data_tools download`)."""
+
+    image_size: int = 64
+    resize_mode: str = "border"
+    samples_per_shard: int = 1000
+    processes: int = 2
+    threads: int = 16
+    timeout: int = 10
+    retries: int = 0
+    min_image_size: int = 0
+    max_aspect_ratio: float = math.inf
+    # Decompression bombs: a few-KB PNG can claim 50k x 50k pixels; larger images are refused from their header,
+    # before any decoding (data_tools/img2dataset_hooks.py).
+    max_image_area: float = 100e6
+    honour_robots: bool = True  # skip images served with X-Robots-Tag noai/noimageai/noindex/noimageindex
+    progress: bool = True
+
+    def img2dataset(self, input_format: str = "parquet") -> dict:
+        """Exactly what img2dataset.download gets besides url_list and output_folder."""
+        return dict(
+            image_size=self.image_size, resize_mode=self.resize_mode, number_sample_per_shard=self.samples_per_shard,
+            processes_count=self.processes, thread_count=self.threads, timeout=self.timeout, retries=self.retries,
+            min_image_size=self.min_image_size, max_aspect_ratio=self.max_aspect_ratio,
+            max_image_area=self.max_image_area, url_col="url", caption_col="caption", input_format=input_format,
+            output_format="webdataset", encode_format="jpg", incremental_mode="incremental",
+            distributor="multiprocessing", enable_wandb=False,
+            disallowed_header_directives=None if self.honour_robots else [])
 
 
-def read_columns(path: Path, fmt: str, columns: list[str]) -> pa.Table:
-    """The given columns, parsed as img2dataset's reader parses the file; unknown columns -> DataToolsError."""
-    try:
-        if fmt == "parquet":
-            names = pq.read_schema(path).names
-        elif fmt.startswith(("csv", "tsv")):
-            parse = pa_csv.ParseOptions(delimiter="\t" if fmt.startswith("tsv") else ",")
-            names = pa_csv.open_csv(path, parse_options=parse).schema.names  # reads the first block only
-        elif fmt.startswith("jsonl"):
-            table = pa_json.read_json(path)
-            names = table.column_names
-        else:
-            table = pa.Table.from_pandas(pd.read_json(path), preserve_index=False)
-            names = table.column_names
-    except (pa.ArrowInvalid, ValueError, OSError) as e:
-        raise DataToolsError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataToolsError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)})")
-    if fmt == "parquet":
-        return pq.read_table(path, columns=columns)
-    if fmt.startswith(("csv", "tsv")):
-        convert = pa_csv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
-        return pa_csv.read_csv(path, parse_options=parse, convert_options=convert)
-    return table.select(columns)
+def recorded(settings: dict) -> dict:
+    """Settings as the manifest keeps them: JSON has no infinity, null means no limit."""
+    return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in settings.items()}
 
 
-def url_problems(urls: pa.ChunkedArray) -> pa.Array:
-    """Per row: null for a usable http(s) URL, else empty_url / unsupported_scheme / invalid_url."""
-    urls = urls.cast(pa.string())
-    empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(urls)), 0), True)
-    http = pc.fill_null(pc.match_substring_regex(urls, r"^https?://", ignore_case=True), False)
-    ok = pc.fill_null(pc.match_substring_regex(urls, r"^https?://[^/?#\s]", ignore_case=True), False)
-    return pc.if_else(ok, pa.scalar(None, pa.string()), pc.if_else(
-        empty, "empty_url", pc.if_else(http, "invalid_url", "unsupported_scheme")))
-
-
-def _check_rerun(out: Path, settings: dict, rows: int) -> None:
-    """A previous manifest must describe the same list and shard settings; then it is moved out of the way."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    old_settings = old.get("img2dataset", {}).get("settings", {})
-    before = {"rows": old.get("rows"), **{k: old_settings.get(k) for k in SHARD_SETTINGS}}
-    now = {"rows": rows, **{k: settings[k] for k in SHARD_SETTINGS}}
+def check_rerun(previous: dict, settings: dict, rows: int, kept: int, where: Path) -> None:
+    """A previous run in the same place must have had the same list and shard settings."""
+    old_settings = previous.get("img2dataset", {}).get("settings", {})
+    before = {"rows": previous.get("rows"), "kept": previous.get("kept", kept),
+              **{k: old_settings.get(k) for k in SHARD_SETTINGS}}
+    now = {"rows": rows, "kept": kept, **{k: recorded(settings)[k] for k in SHARD_SETTINGS}}
     if diff := [f"{k} {before[k]} there, {now[k]} now" for k in now if before[k] != now[k]]:
-        raise DataToolsError(f"{out} holds shards of another list or settings ({'; '.join(diff)}): "
+        raise DataToolsError(f"{where} holds shards of another list or settings ({'; '.join(diff)}): "
                              "use a new --out or delete it")
-    # img2dataset takes every *.json in the output folder for a `{shard}_stats.json` and crashes on ours
-    path.unlink()
 
 
-def download(url_list: str | Path, out: str | Path, *, image_size: int = 64, resize_mode: str = "border",
-             samples_per_shard: int = 1000, processes: int = 2, threads: int = 16, timeout: int = 10,
-             retries: int = 0, url_col: str = "url", caption_col: str = "caption",
-             input_format: str = "auto") -> dict:
-    """Run img2dataset on url_list into out (webdataset, incremental); write and return the manifest."""
-    url_list, out = Path(url_list), Path(out)
-    if not url_list.is_file():
-        raise DataToolsError(f"{url_list}: no such file")
-    fmt = detect_format(url_list, input_format)
-    table = read_columns(url_list, fmt, list(dict.fromkeys([url_col, caption_col])))
-    problems = url_problems(table.column(url_col))
-    skipped = {k["values"]: k["counts"] for k in pc.value_counts(problems.drop_null()).to_pylist()}
-    settings = dict(  # exactly what img2dataset gets
-        image_size=image_size, resize_mode=resize_mode, number_sample_per_shard=samples_per_shard,
-        processes_count=processes, thread_count=threads, timeout=timeout, retries=retries, url_col=url_col,
-        caption_col=caption_col, input_format="parquet" if skipped else fmt, output_format="webdataset",
-        encode_format="jpg", incremental_mode="incremental", distributor="multiprocessing", enable_wandb=False,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    _check_rerun(out, settings, table.num_rows)
-
+def run_img2dataset(source: Path, out: Path, settings: dict, first_shard: int = 0) -> None:
+    """img2dataset.download into out (incremental; data_tools/img2dataset_hooks.py: shard numbers from first_shard,
+    images normalised and size-checked before OpenCV), with Ctrl-C surfacing as KeyboardInterrupt."""
     import img2dataset  # slow import (cv2, albumentations, wandb): only once the input is known to be good
 
+    from data_tools import img2dataset_hooks
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with img2dataset_hooks.installed(first_shard):
+            img2dataset.download(url_list=str(source), output_folder=str(out), **settings)
+    except SystemExit:  # img2dataset's SIGINT handler calls sys.exit(0)
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def prepare(urls: lists.UrlList, out: Path, settings: dict) -> dict:
+    """The record every manifest of this download starts from; a rerun must match the previous one."""
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"rows": urls.rows, "kept": urls.table.num_rows, "captions_truncated": urls.captions_truncated,
+            "img2dataset": {"version": version("img2dataset"), "settings": recorded(settings)}}
+    path = out / MANIFEST
+    if path.is_file():
+        check_rerun(json.loads(path.read_text()), settings, urls.rows, urls.table.num_rows, out)
+        # img2dataset takes every *.json in the output folder for a `{shard}_stats.json` and crashes on ours
+        path.unlink()
+    tmp = out / (INPUT + ".tmp")
+    pq.write_table(urls.table, tmp)
+    os.replace(tmp, out / INPUT)
+    return info
+
+
+def download(urls: lists.UrlList, out: str | Path, options: Options = Options()) -> dict:
+    """Download the kept rows of a URL list into out (webdataset, incremental); write and return the manifest."""
+    out = Path(out)
+    settings = options.img2dataset()
+    info = prepare(urls, out, settings)
     done_before = sum(json.loads(f.read_text())["successes"] for f in out.glob("*_stats.json"))
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out, prefix="_input") as tmp:
-        source = url_list
-        if skipped:
-            source = Path(tmp) / "urls.parquet"
-            pq.write_table(table.filter(pc.is_null(problems)), source)
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            img2dataset.download(url_list=str(source), output_folder=str(out), **settings)
-        except SystemExit:  # img2dataset's SIGINT handler calls sys.exit(0)
-            raise KeyboardInterrupt from None
-        finally:
-            signal.signal(signal.SIGINT, previous)
+    with Progress(out, shards=math.ceil(urls.table.num_rows / options.samples_per_shard), enabled=options.progress):
+        run_img2dataset(out / INPUT, out, settings)
     elapsed = time.perf_counter() - start
-    manifest = write_manifest(out, {
-        "rows": table.num_rows,  # from the input itself: rows of shards img2dataset gave up on count as missing
-        "url_list": str(url_list),
-        "img2dataset": {"version": version("img2dataset"), "settings": settings},
-    }, skipped)
+    manifest = write_manifest(out, info, urls.dropped)
     # not in the manifest file: it describes the shards, this describes one (possibly resumed) run
     manifest["last_run"] = {"elapsed_s": elapsed, "new_samples": manifest["total_samples"] - done_before}
     return manifest
@@ -151,14 +136,53 @@ def missing_rows(manifest: dict) -> int:
     return manifest["rows"] - manifest["total_samples"] - sum(manifest["failures"].values())
 
 
+class Progress:
+    """A progress bar of finished shards and samples on stderr, from the `{shard}_stats.json` files img2dataset
+    writes as each shard ends (its own output is a log line per shard)."""
+
+    def __init__(self, *folders: Path, shards: int, enabled: bool = True, interval_s: float = 2.0):
+        self.folders, self.shards, self.interval_s = folders, shards, interval_s
+        self.enabled = enabled and shards > 0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        from tqdm import tqdm
+
+        seen: dict[str, int] = {}  # by name: an array task's shard is counted once, before and after it moves
+        with tqdm(total=self.shards, unit="shard", desc="download", dynamic_ncols=True, mininterval=1) as bar:
+            while not self._stop.wait(self.interval_s):
+                for folder in self.folders:
+                    for f in folder.glob("*_stats.json"):
+                        if f.name not in seen:
+                            with contextlib.suppress(ValueError, OSError, KeyError):
+                                seen[f.name] = json.loads(f.read_text())["successes"]
+                bar.n = min(len(seen), self.shards)
+                bar.set_postfix(samples=sum(seen.values()), refresh=False)
+                bar.refresh()
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._poll, daemon=True, name="download-progress")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+
+
 def summary(manifest: dict, out: Path) -> str:
-    run = manifest["last_run"]
+    run = manifest.get("last_run")
     lines = [f"{manifest['total_samples']} samples in {len(manifest['shards'])} shards "
-             f"({manifest['total_bytes'] / 1e6:.1f} MB) from {manifest['rows']} rows; this run: "
-             f"{run['new_samples']} new in {run['elapsed_s']:.1f} s "
-             f"({run['new_samples'] / max(run['elapsed_s'], 1e-9):.0f} images/s)"]
+             f"({manifest['total_bytes'] / 1e6:.1f} MB) from {manifest['rows']} rows"]
+    if run:
+        lines[0] += (f"; this run: {run['new_samples']} new in {run['elapsed_s']:.1f} s "
+                     f"({run['new_samples'] / max(run['elapsed_s'], 1e-9):.0f} images/s)")
     if manifest["failures"]:
-        lines.append("failures: " + ", ".join(f"{k} {v}" for k, v in manifest["failures"].items()))
+        lines.append("not downloaded: " + ", ".join(f"{k} {v}" for k, v in manifest["failures"].items()))
+    if manifest.get("captions_truncated"):
+        lines.append(f"captions cut to --max-caption-chars: {manifest['captions_truncated']}")
     if missing_rows(manifest) or manifest["incomplete_shards"]:
         lines.append(f"incomplete: {missing_rows(manifest)} rows missing, shards {manifest['incomplete_shards']}; "
                      "rerun the same command to resume")
@@ -166,29 +190,75 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def options_from(args: argparse.Namespace) -> Options:
+    size, mode = args.image_size, args.resize_mode
+    if args.target:
+        size = size or TARGETS[args.target]
+        mode = mode or ("center_crop" if args.target.startswith("igpt") else "keep_ratio")
+    return Options(image_size=size or 64, resize_mode=mode or "border", samples_per_shard=args.samples_per_shard,
+                   processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries,
+                   min_image_size=args.min_image_size, max_aspect_ratio=args.max_aspect_ratio,
+                   max_image_area=args.max_image_area, honour_robots=not args.ignore_robots_headers,
+                   progress=not args.no_progress)
+
+
+def url_list_from(args: argparse.Namespace) -> lists.UrlList:
+    columns = lists.PRESETS[args.preset] if args.preset else lists.Columns()
+    columns = lists.Columns(url=args.url_col or columns.url,
+                            captions=tuple(args.caption_col.split(",")) if args.caption_col else columns.captions,
+                            language=args.language_col or columns.language)
+    keep = lists.RowFilter(languages=tuple(args.language.split(",")) if args.language else (),
+                           dedupe=not args.keep_duplicates, min_caption_chars=args.min_caption_chars,
+                           max_caption_chars=args.max_caption_chars)
+    return lists.load(args.urls, args.input_format, columns, keep)
+
+
 def run(args: argparse.Namespace) -> int:
-    manifest = download(args.urls, args.out, image_size=args.image_size, resize_mode=args.resize_mode,
-                        samples_per_shard=args.samples_per_shard, processes=args.processes, threads=args.threads,
-                        timeout=args.timeout, retries=args.retries, url_col=args.url_col,
-                        caption_col=args.caption_col, input_format=args.input_format)
+    options = options_from(args)  # flags first: a bad one is refused before the list is read
+    urls = url_list_from(args)
+    if args.slurm:
+        from data_tools import download_array
+        return download_array.run(args, urls, options)
+    manifest = download(urls, args.out, options)
     print(summary(manifest, Path(args.out)), flush=True)
     return 1 if missing_rows(manifest) or manifest["incomplete_shards"] else 0
 
 
 def add_parser(subparsers) -> None:
+    from launch import array
+
     p = subparsers.add_parser("download", help="download a URL list into WebDataset shards (img2dataset)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("urls", metavar="URLS", help="URL list: " + ", ".join(FORMATS))
+    p.add_argument("urls", metavar="URLS", help="URL list: " + ", ".join(lists.FORMATS))
     p.add_argument("--out", required=True, metavar="SHARDS", help="output directory (resumed if it exists)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--resize-mode", default="border",
-                   choices=("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"))
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--threads", type=int, default=16, help="download threads per process")
-    p.add_argument("--timeout", type=int, default=10, help="seconds per connection / read")
-    p.add_argument("--retries", type=int, default=0, help="extra attempts per failed URL")
-    p.add_argument("--url-col", default="url")
-    p.add_argument("--caption-col", default="caption")
-    p.add_argument("--input-format", default="auto", help="auto: from the file suffix")
+    g = p.add_argument_group("input")
+    g.add_argument("--input-format", default="auto", help="auto: from the file suffix")
+    g.add_argument("--preset", choices=sorted(lists.PRESETS), help="column names of a known corpus (wit: Google WIT)")
+    g.add_argument("--url-col", help="default: url (or the preset's)")
+    g.add_argument("--caption-col", help="column, or columns A,B,C: the first non-empty one (default: caption)")
+    g.add_argument("--language", help="keep only these languages, e.g. en or en,de (needs a language column)")
+    g.add_argument("--language-col", help="default: the preset's (wit: language)")
+    g.add_argument("--keep-duplicates", action="store_true", help="download a URL as often as it is listed")
+    g.add_argument("--min-caption-chars", type=int, default=1, help="drop shorter captions (0: keep uncaptioned rows)")
+    g.add_argument("--max-caption-chars", type=int, help="cut longer captions")
+    g = p.add_argument_group("images and shards")
+    g.add_argument("--target", choices=sorted(TARGETS), help="image size and resize mode for this model")
+    g.add_argument("--image-size", type=int, help="default: the target's, else 64")
+    g.add_argument("--resize-mode", choices=("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"),
+                   help="default: keep_ratio for CLIP/ViT targets, center_crop for igpt, else border")
+    g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller")
+    g.add_argument("--max-aspect-ratio", type=float, default=math.inf, help="drop images longer than this x wider")
+    g.add_argument("--max-image-area", type=float, default=Options.max_image_area,
+                   help="drop images of more pixels, undecoded (decompression bombs)")
+    g.add_argument("--samples-per-shard", type=int, default=1000)
+    g = p.add_argument_group("fetching")
+    g.add_argument("--processes", type=int, default=2, help="per machine (per array task with --slurm)")
+    g.add_argument("--threads", type=int, default=16, help="download threads per process")
+    g.add_argument("--timeout", type=int, default=10, help="seconds per connection / read")
+    g.add_argument("--retries", type=int, default=0, help="extra attempts per failed URL")
+    g.add_argument("--ignore-robots-headers", action="store_true",
+                   help="download images whose X-Robots-Tag says noai/noimageai/noindex/noimageindex (default: skip)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = array.add_arguments(p, "one array task per slice of the list")
+    g.add_argument("--tasks", type=int, default=16, help="array tasks (each gets whole shards)")
     p.set_defaults(func=run)

@@ -22,6 +22,7 @@ RAW_MESSAGES_KEPT = 200  # some messages carry byte counts or hosts; keep the ma
 
 _REASONS = (  # first match wins
     (r"^HTTP Error 5\d\d", "http_5xx"),
+    (r"^HTTP Error 3\d\d", "redirect_loop"),  # urllib follows redirects; a 3xx error is a loop or too many
     (r"timed out", "timeout"),
     (r"Connection refused", "connection_refused"),
     (r"Connection reset", "connection_reset"),
@@ -96,8 +97,12 @@ def write_manifest(shard_dir: str | Path, extra: Mapping | None = None,
                    skipped: Mapping[str, int] | None = None) -> dict:
     """build_manifest() plus `extra` keys, written atomically to SHARDS/manifest.json."""
     manifest = {**build_manifest(shard_dir, skipped), **(extra or {})}
-    path = Path(shard_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(shard_dir) / MANIFEST, manifest)
     return manifest
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    """Atomically: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)

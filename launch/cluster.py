@@ -8,6 +8,7 @@ configs/clusters/) or `--cluster PATH` (a site's own copy); no site constant liv
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -54,6 +55,25 @@ class Cluster:
 
     def ranks(self, nodes: int) -> int:
         return nodes * (self.ranks_per_node or self.gpus_per_node)
+
+    def sbatch_parameters(self, *, time: Optional[str] = None, partition: Optional[str] = None,
+                          account: Optional[str] = None, qos: Optional[str] = None) -> dict[str, Any]:
+        """submitit parameters every job on this cluster gets (time in minutes, partition, account, CPUs, memory,
+        environment); the arguments, given on the command line, win over the profile's defaults."""
+        s = self.slurm
+        params: dict[str, Any] = dict(time=parse_time(time or s.time), cpus_per_task=s.cpus_per_task)
+        if self.env:
+            params["setup"] = [f"export {k}={shlex.quote(str(v))}" for k, v in self.env.items()]
+        if s.mem_gb is not None:  # per node; --mem=0 is all of it
+            params["mem"] = f"{int(s.mem_gb)}G" if s.mem_gb == int(s.mem_gb) else f"{int(s.mem_gb * 1024)}M"
+        for key, given in (("partition", partition), ("account", account), ("qos", qos)):
+            if value := given or getattr(s, key):
+                params[key] = value
+        if s.constraint:
+            params["constraint"] = s.constraint
+        if s.sbatch:
+            params["additional_parameters"] = dict(s.sbatch)
+        return params
 
     def peak_flops(self, precision: str) -> float:
         """Peak FLOP/s of one rank in `precision`; refuses a precision the hardware does not have."""

@@ -9,7 +9,7 @@ limit every task gets USR2; TrainJob asks the trainer to save at its next step b
 requeue the job (`scontrol requeue`), which restarts it under the same job id; the trainer resumes from
 `checkpoints/latest`. Runs longer than a partition's limit chain this way, up to `max_requeues` times. SIGTERM
 (scancel, `scontrol requeue`, pre-emption) asks for a save too; SLURM itself then ends or requeues the job, and a
-restart resumes from the last complete checkpoint. docs/SLURM.md has the whole story.
+restart resumes from that checkpoint. docs/SLURM.md has the whole story.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import contextlib
 import io
 import logging
 import os
-import shlex
 import signal
 import uuid
 from dataclasses import dataclass
@@ -83,28 +82,15 @@ def resolve(req: Request) -> Submission:
     config.validate(cfg, world_size=world, device=None if c.gpus_per_node else "cpu")
     if not cfg.data.train:
         raise config.ConfigError("data.train is empty: give shards, e.g. data.train=shards/{00000..00009}.tar")
-    s = c.slurm
-    time_min = clusters.parse_time(req.time or s.time)
-    params: dict[str, Any] = dict(
-        job_name=req.name or cfg.run.name, nodes=req.nodes, ntasks_per_node=world // req.nodes, time=time_min,
-        cpus_per_task=s.cpus_per_task, signal_delay_s=s.signal_delay_s,
+    params = c.sbatch_parameters(time=req.time, partition=req.partition, account=req.account, qos=req.qos)
+    params.update(
+        job_name=req.name or cfg.run.name, nodes=req.nodes, ntasks_per_node=world // req.nodes,
+        signal_delay_s=c.slurm.signal_delay_s,
         # One dead rank would leave the others blocked in a collective until the time limit: end the step instead.
         srun_args=["--kill-on-bad-exit=1"])
-    if c.env:
-        params["setup"] = [f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items()]
     if c.gpus_per_node:
         params["gpus_per_node"] = c.gpus_per_node
-    if s.mem_gb is not None:  # per node; --mem=0 is all of it
-        params["mem"] = f"{int(s.mem_gb)}G" if s.mem_gb == int(s.mem_gb) else f"{int(s.mem_gb * 1024)}M"
-    for key in ("partition", "account", "qos"):
-        value = getattr(req, key) or getattr(s, key)
-        if value:
-            params[key] = value
-    if s.constraint:
-        params["constraint"] = s.constraint
-    if s.sbatch:
-        params["additional_parameters"] = dict(s.sbatch)
-    return Submission(cfg=cfg, cluster=c, nodes=req.nodes, world_size=world, time_min=time_min,
+    return Submission(cfg=cfg, cluster=c, nodes=req.nodes, world_size=world, time_min=params["time"],
                       folder=Path(cfg.run.dir) / "slurm" / "%j", parameters=params)
 
 
@@ -144,11 +130,17 @@ def submit(sub: Submission) -> submitit.SlurmJob:
         raise config.ConfigError(
             f"{run_dir} already has job {active[0].job_id} {active[0].state}: two jobs would write the same "
             f"checkpoints (python -m launch cancel {run_dir})")
-    ex = _executor(sub)
-    # submitit prints sbatch's stderr itself before raising; we report it once, as one line.
+    with sbatch_errors():
+        return _executor(sub).submit(TrainJob(config.to_dict(sub.cfg)))
+
+
+@contextlib.contextmanager
+def sbatch_errors():
+    """sbatch's refusal (unknown partition, over a limit) as one ConfigError line; submitit would print sbatch's
+    stderr and then raise with it again."""
     with contextlib.redirect_stderr(io.StringIO()):
         try:
-            return ex.submit(TrainJob(config.to_dict(sub.cfg)))
+            yield
         except FailedJobError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             raise config.ConfigError(f"sbatch refused the job: {lines[-1] if lines else e}") from None
@@ -190,8 +182,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         except Exception:
             if not signals.received:
                 raise
-            # Once SLURM signals, a failure is most likely the termination itself (SIGTERM also kills the
-            # DataLoader workers, and torch then raises in the trainer): keep it in the log, not as the result.
+            # Once SLURM signals, a failure is most likely the termination itself (a step slower than KillWait
+            # ends in SIGKILL of some process): keep it in the log, not as the result.
             log.warning("failed after %s, as the job was ending", signals.names(), exc_info=True)
             raise SystemExit(0) from None
         if not result["stopped"]:
@@ -213,9 +205,9 @@ class _SaveOnSignals:
 
     submitit's own USR2 handler would checkpoint and requeue at once, from inside whatever the rank is doing (mid
     all-reduce, mid-save); it is kept and called once the trainer has saved. SIGTERM (scancel, `scontrol requeue`,
-    pre-emption, the time limit itself) asks for a save as well, which succeeds when the step can finish within
-    SLURM's KillWait; DataLoader workers die on SIGTERM, though, and torch then ends the trainer at once, so with
-    workers a SIGTERM'd run resumes from its last periodic checkpoint (train.save_every)."""
+    pre-emption, the time limit itself) asks for a save as well, which succeeds when the step and the save finish
+    within SLURM's KillWait (loader workers ignore these signals: pipeline/data.py); otherwise the restart resumes
+    from the last periodic checkpoint (train.save_every)."""
 
     def __init__(self, request_stop: Callable[[], None]):
         self._usr = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")

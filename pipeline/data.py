@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -147,6 +148,15 @@ class ShardStream(IterableDataset):
             log.warning(message)
 
 
+def _worker_init(_: int) -> None:
+    """SLURM signals every process of a job step (scancel, `scontrol requeue`, pre-emption, the time limit). The
+    trainer turns SIGTERM/USR1/USR2 into "save at the next step boundary", which needs its loader workers alive
+    until then; a worker killed by the signal would end the trainer at once (torch raises when a worker dies).
+    Workers still exit when the trainer shuts them down or dies (torch's watchdog), and SIGKILL ends them."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _as_tuple(x):
     """random.Random states come back from checkpoints as nested lists."""
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
@@ -172,7 +182,7 @@ class TrainStream:
                               open_shards=open_shards, resume=resume)
         self.num_workers = num_workers
         self._states = list(dataset.states)  # in serving order: [0] is the stream whose batch comes next
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
                                  persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
         self._it = None
 

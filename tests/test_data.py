@@ -79,3 +79,18 @@ def test_missing_or_empty_shards_fail_clearly(tmp_path):
     stream = TrainStream(str(tmp_path / "empty{0..1}.tar"), transform, batch_size=2, num_workers=0)
     with pytest.raises(RuntimeError, match="shards in a row were empty or unreadable"):
         next(stream)
+
+
+def test_loader_workers_outlive_slurm_signals(shards):
+    """SLURM signals every process of a job; the trainer saves at its next step, so its workers must survive."""
+    import os
+    import signal
+
+    stream = TrainStream(shards, transform, batch_size=4, num_workers=2)
+    before = [next(stream)["text"] for _ in range(2)]
+    workers = stream._it._workers
+    for w in workers:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(w.pid, sig)
+    after = [next(stream)["text"] for _ in range(6)]
+    assert len(before) + len(after) == 8 and all(w.is_alive() for w in workers)

@@ -1,11 +1,13 @@
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import shutil
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -17,14 +19,20 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 from data_tools import DataToolsError  # noqa: E402
 from data_tools.cli import main  # noqa: E402
-from data_tools.demo_corpus import make_corpus, start_server, write_url_list  # noqa: E402
-from data_tools.download import download, missing_rows, read_columns, url_problems  # noqa: E402
+from data_tools.demo_corpus import ODD_IMAGES, make_corpus, start_server, write_url_list  # noqa: E402
+from data_tools.download import Options, download, missing_rows  # noqa: E402
+from data_tools.url_list import load, url_problems  # noqa: E402
 from data_tools.manifest import build_manifest, failure_reason  # noqa: E402
 
 N_GOOD = 60
-BAD_REASONS = {"http_404", "decode_error", "truncated", "timeout", "connection_refused", "empty_url",
-               "unsupported_scheme"}
-SETTINGS = dict(image_size=32, samples_per_shard=20, processes=1, threads=8, timeout=2)
+ODD = 5  # odd images that must come out right: CMYK, 16-bit grey and RGB, palette, EXIF-rotated
+OPTIONS = Options(image_size=32, samples_per_shard=20, processes=1, threads=8, timeout=2, progress=False)
+
+
+def expected_failures(urls: pd.DataFrame) -> Counter:
+    """Each bad row's caption names its outcome; one row has no caption; the CSV has one line of broken UTF-8."""
+    reasons = urls["caption"].str.extract(r"^bad url: (\w+)$")[0].dropna()
+    return Counter(reasons) + Counter(missing_caption=1, bad_encoding=1)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +41,8 @@ def served(tmp_path_factory):
     make_corpus(root, n_train=N_GOOD, n_val=24, seed=0, size=48)
     server, base = start_server(root)
     urls = write_url_list(root, base, bad_urls=True)
+    with open(root / "urls.csv", "ab") as f:  # a row in Latin-1, in a UTF-8 file
+        f.write(f"{base}/images/000001.jpg?latin1,caf".encode() + b"\xe9 au lait\n")
     yield root, urls
     server.shutdown()
     server.server_close()
@@ -42,7 +52,7 @@ def served(tmp_path_factory):
 def shards(served, tmp_path_factory):
     root, _ = served
     out = tmp_path_factory.mktemp("shards")
-    manifest = download(root / "urls.csv", out, **SETTINGS)
+    manifest = download(load(root / "urls.csv"), out, OPTIONS)
     return out, manifest
 
 
@@ -50,23 +60,48 @@ def test_every_row_counted_once(served, shards):
     _, urls = served
     out, manifest = shards
     assert {k: v for k, v in manifest.items() if k != "last_run"} == json.loads((out / "manifest.json").read_text())
-    assert manifest["last_run"]["new_samples"] == N_GOOD
-    assert manifest["rows"] == len(urls) == N_GOOD + len(BAD_REASONS)
-    assert manifest["total_samples"] == N_GOOD
-    assert manifest["failures"] == {reason: 1 for reason in BAD_REASONS}
+    assert manifest["last_run"]["new_samples"] == N_GOOD + ODD
+    assert manifest["rows"] == len(urls) + 1
+    assert manifest["total_samples"] == N_GOOD + ODD
+    assert manifest["failures"] == expected_failures(urls)
     assert manifest["total_samples"] + sum(manifest["failures"].values()) == manifest["rows"]
-    # rows dropped before img2dataset (empty, ftp) have no raw message; the others keep img2dataset's
-    assert sum(manifest["failures_raw"].values()) == len(BAD_REASONS) - 2
+    # rows dropped before img2dataset have no raw message; the others keep img2dataset's
+    dropped = {"empty_url", "unsupported_scheme", "duplicate_url", "missing_caption", "bad_encoding"}
+    assert sum(manifest["failures_raw"].values()) == sum(
+        n for reason, n in manifest["failures"].items() if reason not in dropped)
     assert manifest["incomplete_shards"] == [] and missing_rows(manifest) == 0
+
+
+def test_odd_images_come_out_upright_8bit_rgb(served, shards):
+    """CMYK, 16-bit, palette and EXIF-rotated images (data_tools/img2dataset_hooks.py) decode to the reference."""
+    out, manifest = shards
+    found = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name, data in files.items():
+            if name.endswith(".txt") and data.startswith(b"odd image: "):
+                found[data.decode()[len("odd image: "):]] = files[name.replace(".txt", ".jpg")]
+    assert set(found) == set(ODD_IMAGES)
+    for name, jpg in found.items():
+        img = Image.open(io.BytesIO(jpg))
+        assert img.mode == "RGB" and img.size == (32, 32), name
+        # border mode: the 48x32 picture scaled to 32x21, centred on a black square (rows 5-26)
+        top, bottom = (np.asarray(img)[y, 16].astype(int) for y in (9, 22))
+        if name == "gray16.png":
+            assert abs(top - 195).max() < 12 and abs(bottom - 39).max() < 12, (name, top, bottom)
+        else:
+            assert abs(top - (220, 40, 40)).max() < 16 and abs(bottom - (40, 60, 220)).max() < 16, (name, top, bottom)
 
 
 def test_shards(served, shards):
     _, urls = served
     out, manifest = shards
-    captions = dict(zip(urls["url"], urls["caption"]))
-    # 65 rows handed over (2 dropped) in shards of 20; the last holds only failing rows and stays listed, empty
+    first = urls.drop_duplicates("url")
+    captions = dict(zip(first["url"], first["caption"]))
+    # 74 rows handed over in shards of 20; the last holds the failing rows and the odd images
     assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [
-        ("00000.tar", 20), ("00001.tar", 20), ("00002.tar", 20), ("00003.tar", 0)]
+        ("00000.tar", 20), ("00001.tar", 20), ("00002.tar", 20), ("00003.tar", ODD)]
     assert manifest["total_bytes"] == sum((out / s["name"]).stat().st_size for s in manifest["shards"])
     for shard in manifest["shards"]:
         path = out / shard["name"]
@@ -89,11 +124,11 @@ def test_rerun_resumes(served, shards):
     root, _ = served
     out, manifest = shards
     # the manifest must not break img2dataset's incremental mode, which reads every *.json as shard stats
-    again = download(root / "urls.csv", out, **SETTINGS)
+    again = download(load(root / "urls.csv"), out, OPTIONS)
     assert again["shards"] == manifest["shards"] and again["failures"] == manifest["failures"]
     assert again["last_run"]["new_samples"] == 0
     with pytest.raises(DataToolsError, match="image_size 32 there, 64 now"):
-        download(root / "urls.csv", out, **{**SETTINGS, "image_size": 64})
+        download(load(root / "urls.csv"), out, dataclasses.replace(OPTIONS, image_size=64))
 
 
 def test_input_formats(served, tmp_path):
@@ -101,9 +136,12 @@ def test_input_formats(served, tmp_path):
     urls.to_csv(tmp_path / "u.tsv.gz", sep="\t", index=False)
     urls.to_json(tmp_path / "u.jsonl", orient="records", lines=True)
     urls.to_json(tmp_path / "u.json", orient="records")
-    for name, fmt in (("u.tsv.gz", "tsv.gz"), ("u.jsonl", "jsonl"), ("u.json", "json")):
-        table = read_columns(tmp_path / name, fmt, ["url", "caption"])
-        assert table.to_pandas().fillna("").equals(urls), name
+    urls.to_parquet(tmp_path / "u.parquet")
+    expected = load(tmp_path / "u.parquet")
+    assert expected.table.num_rows == len(urls) - 4 and expected.rows == len(urls)  # empty, ftp, dup, uncaptioned
+    for name in ("u.tsv.gz", "u.jsonl", "u.json"):
+        got = load(tmp_path / name)
+        assert got.table.equals(expected.table) and got.dropped == expected.dropped, name
 
 
 def test_url_problems():
@@ -151,3 +189,32 @@ def test_manifest_detects_damage(shards, tmp_path):
         tar.add(copy / "00000_stats.json", arcname="999999999.json")
     with pytest.raises(DataToolsError, match="00000.tar: 21 samples"):
         build_manifest(copy)
+
+
+def _keys(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return sorted(m.name for m in tar if m.isfile())
+
+
+def test_array_slices_give_the_shards_of_one_download(served, shards, tmp_path):
+    """What `download --slurm` runs in its array tasks and merge job, run here in turn: the same shard names,
+    keys and counts as one download of the whole list."""
+    from data_tools import download_array
+
+    root, _ = served
+    out, manifest = shards
+    plan = download_array.split(load(root / "urls.csv"), tmp_path, OPTIONS, tasks=3)
+    assert (plan["shards"], plan["shards_per_task"], plan["tasks"]) == (4, 2, 2)  # whole shards per task
+    assert download_array.DownloadTask(str(tmp_path))(1) == {"task": 1, "shards_published": 2}
+    partial = download_array.MergeTask(str(tmp_path))()  # task 0 failed or never ran
+    assert [s["name"] for s in partial["shards"]] == ["00002.tar", "00003.tar"] and missing_rows(partial) == 40
+    download_array.DownloadTask(str(tmp_path))(0)
+    merged = download_array.MergeTask(str(tmp_path))()
+    assert [(s["name"], s["samples"]) for s in merged["shards"]] == [(s["name"], s["samples"]) for s in manifest["shards"]]
+    assert merged["failures"] == manifest["failures"] and merged["rows"] == manifest["rows"]
+    assert missing_rows(merged) == 0 and merged["incomplete_shards"] == []
+    for s in manifest["shards"]:
+        assert _keys(tmp_path / s["name"]) == _keys(out / s["name"])
+    # a rerun with other settings is refused before anything is submitted
+    with pytest.raises(DataToolsError, match="image_size 32 there, 64 now"):
+        download_array.split(load(root / "urls.csv"), tmp_path, dataclasses.replace(OPTIONS, image_size=64), tasks=3)

@@ -3,7 +3,8 @@ tests/slurm/start.sh starts for this session and tests/slurm/stop.sh stops: no m
 
 The long jobs are submitted up front and run side by side (the node advertises 6 CPUs, each job takes 2), because
 much of their time goes to SLURM's timers (requeue delay, the 30 s time-limit tick), not to computing:
-  train    2-rank CLIP, interrupted by `scontrol requeue` after its first checkpoint; resumes and finishes
+  train    2-rank CLIP, interrupted by `scontrol requeue` after its first checkpoint: saves at the step SIGTERM
+           came, resumes there and finishes
   timeout  once it trains, its time limit is cut so that SLURM's USR2 (signal_delay_s before the limit) comes:
            it saves, requeues itself through submitit, resumes from that step and finishes
   failing  its run dir's `latest` points at a missing checkpoint: the job fails, status shows error and log
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -179,8 +181,10 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(jobs):
     assert states == ["REQUEUED", "COMPLETED"]
     log = rank_log(run_dir, job)
     assert "starting from step 0" in log
-    resumed = int(re.search(r"resuming from step (\d+)", log)[1])
-    assert at_requeue <= resumed < STEPS  # SIGTERM may have let it save once more before it ended
+    # SIGTERM: the ranks save at their next step (loader workers survive the signal) and the restart starts there.
+    saved = int(re.search(r"stopped on SIGTERM: checkpoint of step (\d+) saved", log)[1])
+    assert at_requeue <= saved < STEPS
+    assert re.search(r"resuming from step (\d+)", log)[1] == str(saved)
     assert sorted(re.findall(r"step (\d+) \|", log.split("resuming from step")[1]), key=int)[-1] == str(STEPS)
     status = launch("status", str(run_dir)).stdout
     assert f"job {job}  COMPLETED" in status and "requeued 1x" in status
@@ -234,3 +238,83 @@ def test_sbatch_refusal_is_one_line(slurm_cluster, corpus, tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: sbatch refused the job:"), r.stderr
     assert "partition" in r.stderr.lower()
+
+
+def data_tools(*args: str) -> subprocess.CompletedProcess:
+    """`python -m data_tools ARGS` in this process, from the repository root (where array tasks start)."""
+    from data_tools.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(["python", "-m", "data_tools", *args], rc, out.getvalue(), err.getvalue())
+
+
+def test_array_download_matches_a_local_download(slurm_cluster, tmp_path):
+    """`download --slurm`: the list split over an array (bad rows included), merged into one manifest that says
+    what one local download of the same list says, with the same shards."""
+    from data_tools.demo_corpus import make_corpus, start_server, write_url_list
+
+    root = tmp_path / "corpus"
+    make_corpus(root, n_train=70, n_val=24, seed=1, size=32)
+    server, base = start_server(root)
+    try:
+        write_url_list(root, base, bad_urls=True)
+        common = ("--image-size", "32", "--samples-per-shard", "10", "--processes", "1", "--threads", "4",
+                  "--timeout", "2", "--no-progress")
+        local = data_tools("download", str(root / "urls.csv"), "--out", str(tmp_path / "local"), *common)
+        r = data_tools("download", str(root / "urls.csv"), "--out", str(tmp_path / "array"), *common,
+                       "--slurm", "cpu", "--tasks", "3", "--time", "10", "--wait")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert local.returncode == 0, local.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    array_id = re.search(r"submitted array job (\d+) \(3 tasks", r.stdout)[1]
+    assert sacct_states(f"{array_id}_0") == ["COMPLETED"]
+    ours, theirs = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("array", "local"))
+    assert [(s["name"], s["samples"]) for s in ours["shards"]] == [(s["name"], s["samples"]) for s in theirs["shards"]]
+    assert ours["failures"] == theirs["failures"] and ours["rows"] == theirs["rows"] == 77
+    assert ours["total_samples"] == 70 and ours["slurm"] == {"tasks": 3, "shards_per_task": 3}
+    assert "70 samples in 8 shards" in r.stdout
+
+
+def test_array_zeroshot_one_task_per_dataset(jobs, corpus, tmp_path):
+    """`pipeline.eval zeroshot --slurm`: one array task per dataset; the merge job gathers them even when a task
+    fails, and a rerun runs only what is missing."""
+    from pipeline.eval.__main__ import main as eval_main
+    from pipeline.eval.__main__ import load_model
+    from pipeline.eval.zeroshot import evaluate
+
+    run_dir, _ = jobs["train"]
+    jobs["requeued"].result(timeout=900)  # the trained checkpoint
+    small = tmp_path / "small"
+    for cls in sorted(p.name for p in (corpus / "val").iterdir() if p.is_dir())[:4]:
+        shutil.copytree(corpus / "val" / cls, small / cls)
+    broken = tmp_path / "broken"
+    broken.mkdir()  # no class folders: its task fails
+    out = tmp_path / "eval"
+
+    def run(*datasets: Path) -> subprocess.CompletedProcess:
+        o, e = io.StringIO(), io.StringIO()
+        args = ["zeroshot", "--checkpoint", str(run_dir), "--out", str(out), "--workers", "0", "--slurm", "cpu",
+                "--time", "10", "--wait", *(a for d in datasets for a in ("--dataset", str(d)))]
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+            rc = eval_main(args)
+        return subprocess.CompletedProcess(args, rc, o.getvalue(), e.getvalue())
+
+    r = run(corpus / "val", small, broken)
+    assert r.returncode == 1 and "missing (failed or not run): " + str(broken) in r.stderr, r.stdout + r.stderr
+    assert re.search(r"submitted array job \d+ \(3 tasks: 3 of 3 datasets\)", r.stdout)
+    report = json.loads((out / "zeroshot.json").read_text())
+    assert [x["dataset"] for x in report["results"]] == ["val", "small"] and report["missing"] == [str(broken)]
+    assert report["step"] == STEPS and report["results"][1]["classes"] == 4
+    cfg, task, model, _ = load_model(run_dir)
+    here = evaluate(model, task.tokenizer, corpus / "val", task.image_transform(train=False))
+    assert report["results"][0]["top1"] == pytest.approx(here["top1"], abs=1e-6)
+
+    shutil.rmtree(broken)
+    shutil.copytree(small, broken)  # fixed: the rerun evaluates it alone
+    r = run(corpus / "val", small, broken)
+    assert r.returncode == 0 and "(1 tasks: 1 of 3 datasets)" in r.stdout, r.stdout + r.stderr
+    assert json.loads((out / "zeroshot.json").read_text())["datasets"] == 3

@@ -92,7 +92,10 @@ def test_zeroshot_cli_on_the_checkpoint(run_a, corpus):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| val | 240 | 24 |" in r.stdout
     import json
-    result = json.loads((run_dir / "eval" / "zeroshot.json").read_text())
+    report = json.loads((run_dir / "eval" / "zeroshot.json").read_text())
+    assert report["step"] == STEPS and report["datasets"] == 1 and report["missing"] == []
+    result = report["results"][0]
+    assert result == json.loads((run_dir / "eval" / "zeroshot" / "val.json").read_text())
     assert result["n"] == 240 and result["classes"] == 24 and result["step"] == STEPS
     assert result["top1"] == pytest.approx(scalars(run_dir)["eval/zeroshot_top1"][STEPS], abs=1e-6)
 

@@ -1,8 +1,15 @@
-"""`python -m pipeline.eval zeroshot --checkpoint RUN_OR_CHECKPOINT --dataset PATH [--out DIR]`."""
+"""`python -m pipeline.eval zeroshot --checkpoint RUN_OR_CHECKPOINT --dataset PATH [--dataset PATH ...] [--out DIR]`.
+
+Each dataset's result is written to OUT/zeroshot/NAME.json as it finishes; OUT/zeroshot.json and .md gather them.
+With `--slurm CLUSTER` each dataset is one task of a SLURM job array (one GPU each on GPU clusters) and a merge job
+gathers them when all have ended; datasets already evaluated for the same checkpoint step are not run again.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,30 +29,119 @@ def load_model(path: str | Path, device: str = "cpu"):
     return cfg, task, model.to(device).eval(), ckpt
 
 
-def zeroshot(args) -> int:
-    from pipeline.eval.zeroshot import evaluate, markdown_table, write_report
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    cfg, task, model, ckpt = load_model(args.checkpoint, args.device)
-    result = evaluate(model, task.tokenizer, args.dataset, task.image_transform(train=False),
-                      batch_size=args.batch_size, device=args.device, num_workers=args.workers)
-    result.update(checkpoint=str(ckpt), model=cfg.model.name, step=checkpoint.read_state(ckpt)["step"])
+
+@dataclass
+class ZeroShot:
+    """Zero-shot evaluation of one checkpoint; calling it on a dataset writes OUT/zeroshot/NAME.json. Plain data,
+    so that submitit can pickle it for array tasks; the model is loaded in the process that evaluates."""
+
+    checkpoint: str  # one checkpoint directory (resolved before submission: `latest` may move meanwhile)
+    out: str
+    batch_size: int = 256
+    workers: int = 2
+    device: str | None = None  # None: cuda when there is one
+
+    def result_path(self, dataset: str | Path) -> Path:
+        return Path(self.out) / "zeroshot" / f"{Path(dataset).name}.json"
+
+    def done(self, dataset: str | Path) -> bool:
+        path = self.result_path(dataset)
+        return path.is_file() and json.loads(path.read_text()).get("checkpoint") == self.checkpoint
+
+    def __call__(self, dataset: str, model=None) -> dict:
+        from pipeline.eval.zeroshot import evaluate
+
+        device = self.device or _default_device()
+        cfg, task, model, ckpt = model or load_model(self.checkpoint, device)
+        result = evaluate(model, task.tokenizer, dataset, task.image_transform(train=False),
+                          batch_size=self.batch_size, device=device, num_workers=self.workers)
+        result.update(checkpoint=self.checkpoint, model=cfg.model.name, step=checkpoint.read_state(ckpt)["step"])
+        path = self.result_path(dataset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+        return result
+
+    def gather(self, datasets: list[str]) -> dict:
+        """The report over `datasets` from their result files; those without one are listed as missing."""
+        from pipeline.eval.zeroshot import report, write_report
+
+        results = [json.loads(self.result_path(d).read_text()) for d in datasets if self.done(d)]
+        missing = [d for d in datasets if not self.done(d)]
+        step = checkpoint.read_state(Path(self.checkpoint))["step"]
+        full = report(results, checkpoint=self.checkpoint, step=step, missing=missing)
+        write_report(full, Path(self.out))
+        return full
+
+
+@dataclass
+class _Gather:
+    job: ZeroShot
+    datasets: list[str]
+
+    def __call__(self) -> dict:
+        return self.job.gather(self.datasets)
+
+
+def _print(report: dict, out: Path) -> int:
+    from pipeline.eval.zeroshot import markdown_table
+
+    print(markdown_table(report["results"]), end="")
+    for r in report["results"]:
+        print(f"{r['dataset']}: zero-shot top-1 {r['top1']:.2%} ({r['top1'] / r['chance']:.1f}x chance)")
+    if report["missing"]:
+        print(f"missing (failed or not run): {', '.join(report['missing'])}; rerun the same command", file=sys.stderr)
+    print(f"{report['datasets']} dataset(s), mean top-1 {report['mean_top1']:.2%} -> {out / 'zeroshot.json'}")
+    return 1 if report["missing"] else 0
+
+
+def zeroshot(args) -> int:
+    from pipeline.eval import datasets as ds
+
+    ckpt = checkpoint.resolve(args.checkpoint).resolve()  # refuses a run without checkpoints before any work
+    paths = list(dict.fromkeys(str(Path(d).resolve()) for d in args.dataset))
+    ds.check_names(paths)
     out = Path(args.out) if args.out else ckpt.parent.parent / "eval"  # RUN/checkpoints/step_N -> RUN/eval
-    json_path, _ = write_report(result, out)
-    print(markdown_table([result]), end="")
-    print(f"zero-shot top-1 {result['top1']:.2%} ({result['top1'] / result['chance']:.1f}x chance) -> {json_path}")
-    return 0
+    job = ZeroShot(str(ckpt), str(out.resolve()), args.batch_size, args.workers, args.device)
+    todo = [d for d in paths if not job.done(d)]
+    if args.slurm:
+        from launch import array
+
+        if not todo:
+            return _print(job.gather(paths), out)
+        request = array.ArrayRequest.from_args(args, name=f"zeroshot-{ckpt.name}", gpus_per_task=1)
+        submitted = array.submit(request, out / "slurm", job, todo, _Gather(job, paths))
+        print(submitted.describe(f"{len(todo)} of {len(paths)} datasets"))
+        if not args.wait:
+            print(f"report: {out / 'zeroshot.json'} once job {submitted.merge.job_id} ends")
+            return 0
+        return _print(submitted.merge.result(), out)
+    if todo:
+        loaded = load_model(ckpt, args.device or _default_device())
+        for d in todo:
+            job(d, model=loaded)
+    return _print(job.gather(paths), out)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.eval")
+    from launch import array
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    z = sub.add_parser("zeroshot", help="zero-shot classification of a local labelled dataset")
+    z = sub.add_parser("zeroshot", help="zero-shot classification of local labelled datasets")
     z.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
-    z.add_argument("--dataset", required=True, help="ImageFolder tree (+ classnames.txt, templates)")
+    z.add_argument("--dataset", required=True, action="append",
+                   help="ImageFolder tree (+ classnames.txt, templates); repeat for several")
     z.add_argument("--out", help="output dir (default: RUN/eval)")
     z.add_argument("--batch-size", type=int, default=256)
     z.add_argument("--workers", type=int, default=2)
-    z.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    z.add_argument("--device", help="default: cuda when there is one, else cpu")
+    array.add_arguments(z, "one array task per dataset")
     args = parser.parse_args(argv)
     try:
         return zeroshot(args)

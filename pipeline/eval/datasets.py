@@ -43,3 +43,15 @@ def load(root: str | Path, transform: Callable) -> LabelledDataset:
     template_file = next((root / f for f in TEMPLATE_FILES if (root / f).is_file()), None)
     templates = _lines(template_file) if template_file else list(DEFAULT_TEMPLATES)
     return LabelledDataset(root.name, dataset, classnames, templates)
+
+
+def check_names(roots: list[str | Path]) -> None:
+    """Results are filed by dataset name (its folder's): two datasets of one name would overwrite each other."""
+    seen: dict[str, str] = {}
+    for root in roots:
+        name = Path(root).name
+        if name in seen and seen[name] != str(root):
+            raise ValueError(f"two datasets named {name!r} ({seen[name]}, {root}): results are filed by name")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"{root}: dataset directory not found")
+        seen[name] = str(root)

@@ -45,12 +45,19 @@ def evaluate(model, tokenizer, dataset_path, transform, *, batch_size: int = 64,
     }
 
 
-def write_report(result: dict, out_dir: Path) -> tuple[Path, Path]:
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    """OUT/zeroshot.json (the report: checkpoint, step, one result per dataset, their mean) and zeroshot.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "zeroshot.json", out_dir / "zeroshot.md"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    md_path.write_text(markdown_table([result]))
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(markdown_table(report["results"]))
     return json_path, md_path
+
+
+def report(results: list[dict], **about) -> dict:
+    """Results of several datasets as one report; the mean over datasets is the CLIP paper's summary figure."""
+    mean = sum(r["top1"] for r in results) / len(results) if results else float("nan")
+    return {**about, "datasets": len(results), "mean_top1": mean, "results": results}
 
 
 def markdown_table(results: list[dict]) -> str:
