@@ -7,7 +7,8 @@ import sys
 
 from data_tools import DataToolsError
 
-COMMANDS = ("demo_corpus", "download")  # modules under data_tools/, in --help order
+# modules under data_tools/, in --help order
+COMMANDS = ("demo_corpus", "download", "inspect_shards", "verify", "reshard", "from_folder", "palette")
 
 
 def build_parser() -> argparse.ArgumentParser:

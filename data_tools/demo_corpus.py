@@ -13,6 +13,7 @@ size and position. A tiny CLIP learns it in minutes on CPU. Layout of OUT:
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import io
 import json
@@ -260,6 +261,10 @@ class _Handler(SimpleHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.requests[self.path] += 1  # type: ignore[attr-defined]
+        if "delay=" in self.path:  # ?delay=S: a slow server (tests interrupt downloads in flight)
+            self.server.stopping.wait(float(self.path.split("delay=")[1].split("&")[0]))  # type: ignore[attr-defined]
         if self.path == "/bad/notimage.jpg":
             self._send(b"<html><body>not an image</body></html>", "text/html")
         elif self.path == "/bad/truncated.jpg":
@@ -296,6 +301,8 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], root: Path):
         self.stopping = threading.Event()
+        self.requests: collections.Counter = collections.Counter()  # path -> GETs, for tests
+        self.lock = threading.Lock()
         super().__init__(address, functools.partial(_Handler, directory=str(root)))
 
     def handle_error(self, request, client_address) -> None:

@@ -106,3 +106,32 @@ def write_json(path: Path, data: Mapping) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def shard_entry(path: str | Path) -> dict:
+    """One shard's line in the manifest: name, samples, bytes, sha256 (read back from the file on disk)."""
+    path = Path(path)
+    return {"name": path.name, "samples": _tar_samples(path), "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_shard_manifest(shard_dir: str | Path, names: list[str], extra: Mapping | None = None,
+                         failures: Mapping[str, int] | None = None) -> dict:
+    """Manifest of shards we wrote ourselves (no img2dataset stats files), with build_manifest()'s keys, written
+    atomically to SHARDS/manifest.json. `failures` counts input samples not written, by reason; `rows` is then
+    total_samples + their sum, the same invariant as a download's manifest."""
+    shard_dir = Path(shard_dir)
+    shards = [shard_entry(shard_dir / name) for name in names]
+    failures = {k: n for k, n in sorted((failures or {}).items()) if n}
+    total = sum(s["samples"] for s in shards)
+    manifest = {
+        "shards": shards,
+        "total_samples": total,
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "failures": failures,
+        "failures_raw": {},
+        "rows": total + sum(failures.values()),
+        "incomplete_shards": [],  # every shard is written under a temporary name and renamed once complete
+        **(extra or {}),
+    }
+    write_json(shard_dir / MANIFEST, manifest)
+    return manifest

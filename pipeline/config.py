@@ -34,6 +34,9 @@ class DataConfig:
     val: Optional[str] = None
     num_workers: int = 2  # loader processes per rank; keep it when resuming (each one is a stream)
     open_shards: int = 4  # shards each stream interleaves: the shuffle's reach, and shards held in memory
+    # true: shards drawn with replacement (open_clip's --dataset-resampled); false: epochs, each stream walking its
+    # own share of the shards (needs >= ranks x workers shards, one source)
+    resampled: bool = True
     seed: int = 0
 
 
@@ -193,6 +196,15 @@ def validate(cfg: Config, world_size: Optional[int] = None, device: Optional[str
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x world "
             f"size = {t.micro_batch_size} x {world_size}")
+    if cfg.data.train:
+        from pipeline.data import sources  # heavy imports (torch, webdataset): only when there is data to check
+        try:
+            srcs = sources(cfg.data.train)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not cfg.data.resampled and len(srcs) > 1:
+            raise ConfigError("data.resampled=false with weighted sources: weights are shard-draw probabilities, "
+                              "drawn with replacement; use data.resampled=true")
     if device == "cpu" and t.precision != "fp32":
         raise ConfigError(
             f"train.precision={t.precision} needs a GPU; this run is on CPU (use train.precision=fp32)")

@@ -56,8 +56,9 @@ def train(cfg: config.Config, device: str) -> dict:
                  "resuming" if step else "starting", step, cfg.model.name, info.world_size, device,
                  cfg.zero.stage, cfg.train.precision, engine.accumulation)
     stream = data.TrainStream(cfg.data.train, task.transform(train=True), cfg.train.micro_batch_size,
-                              rank=info.rank, num_workers=cfg.data.num_workers, seed=cfg.data.seed,
-                              open_shards=cfg.data.open_shards, state=rank_state.get("data"))
+                              rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                              seed=cfg.data.seed, open_shards=cfg.data.open_shards, resampled=cfg.data.resampled,
+                              decode_size=task.decode_size(), state=rank_state.get("data"))
     metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(), cfg.train.peak_tflops * 1e12)
     last: dict[str, float] = {}
     while step < cfg.train.steps:

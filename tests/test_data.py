@@ -94,3 +94,65 @@ def test_loader_workers_outlive_slurm_signals(shards):
             os.kill(w.pid, sig)
     after = [next(stream)["text"] for _ in range(6)]
     assert len(before) + len(after) == 8 and all(w.is_alive() for w in workers)
+
+
+def _captioned_shards(root, name, n_shards, per_shard):
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"{s:05d}.tar")) as w:
+            for i in range(per_shard):
+                w.write({"__key__": f"{s:03d}{i:04d}", "jpg": _jpeg((i, 0, 0)), "txt": f"{name} {s}-{i}"})
+    return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def text_only(sample):
+    return {"text": sample["text"]}
+
+
+def test_weighted_sources_mix_by_weight(tmp_path):
+    spec = [{"urls": _captioned_shards(tmp_path / "a", "a", 6, 8), "weight": 0.8},
+            {"urls": _captioned_shards(tmp_path / "b", "b", 6, 8), "weight": 0.2}]
+    stream = TrainStream(spec, text_only, batch_size=16, num_workers=0, open_shards=2)
+    texts = [t for _ in range(100) for t in next(stream)["text"]]
+    share_a = sum(t.startswith("a ") for t in texts) / len(texts)
+    assert 0.74 < share_a < 0.86, share_a
+    with pytest.raises(ValueError, match=r"data.train\[1\].weight=0.0"):
+        TrainStream([spec[0], {**spec[1], "weight": 0}], text_only, batch_size=4, num_workers=0)
+    with pytest.raises(ValueError, match="use data.resampled=true"):
+        TrainStream(spec, text_only, batch_size=4, num_workers=0, resampled=False)
+
+
+def test_epoch_mode_reads_every_sample_once_per_epoch(tmp_path):
+    """resampled=false: 2 ranks, each stream its own half of the shards; an epoch is every sample exactly once."""
+    spec = _captioned_shards(tmp_path / "c", "c", 4, 10)
+    everything = {f"c {s}-{i}" for s in range(4) for i in range(10)}
+    ranks = [TrainStream(spec, text_only, batch_size=5, rank=r, world_size=2, num_workers=0, open_shards=4,
+                         resampled=False) for r in range(2)]
+    epochs = []
+    for _ in range(2):
+        seen = [t for stream in ranks for _ in range(4) for t in next(stream)["text"]]
+        assert sorted(seen) == sorted(everything)
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    with pytest.raises(ValueError, match="4 shards for 2 ranks x 3 loader workers"):
+        TrainStream(spec, text_only, batch_size=5, world_size=2, num_workers=3, resampled=False)
+
+
+def test_draft_decode_matches_full_decode_after_resize():
+    """A JPEG 4x the target decodes at reduced size; after the resize the model sees, it matches the full decode."""
+    import numpy as np
+
+    from pipeline.data import decode_image
+
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    big = Image.fromarray(smooth).resize((1024, 768), Image.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92)
+    drafted, full = decode_image(buf.getvalue(), draft=224), decode_image(buf.getvalue())
+    assert full.size == (1024, 768) and min(drafted.size) >= 224 and drafted.size[0] < 1024
+    a, b = (np.asarray(im.resize((298, 224), Image.BICUBIC), dtype=float) for im in (drafted, full))
+    assert np.abs(a - b).mean() < 2.0
+    small = io.BytesIO()
+    big.resize((300, 225)).save(small, "JPEG")
+    assert decode_image(small.getvalue(), draft=224).size == (300, 225)  # under 2x the target: full decode

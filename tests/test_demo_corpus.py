@@ -88,7 +88,10 @@ def test_captions_match_images(corpus):
 
 def test_url_list(corpus):
     urls = write_url_list(corpus, "http://127.0.0.1:8000", bad_urls=True)
-    assert list(urls.columns) == ["url", "caption"] and len(urls) == 96 + 7
+    from data_tools.demo_corpus import ODD_IMAGES, bad_url_rows
+
+    assert list(urls.columns) == ["url", "caption"]
+    assert len(urls) == 96 + len(bad_url_rows("http://x")) + len(ODD_IMAGES)
     assert urls["url"][0] == "http://127.0.0.1:8000/images/000000.jpg"
     assert pd.read_parquet(corpus / "urls.parquet").equals(urls)
     assert pd.read_csv(corpus / "urls.csv", keep_default_na=False).equals(urls)
@@ -111,8 +114,12 @@ def test_server_endpoints(corpus):
         assert _get(f"{base}/bad/notimage.jpg")[:2] == (200, "text/html")
         with pytest.raises(http.client.IncompleteRead):
             _get(f"{base}/bad/truncated.jpg")
-        with pytest.raises(TimeoutError):
-            _get(f"{base}/bad/slow.jpg", timeout=0.5)
+        for never in ("slow", "never"):
+            with pytest.raises(TimeoutError):
+                _get(f"{base}/bad/{never}.jpg", timeout=0.5)
+        assert _get(f"{base}/bad/error.jpg")[0] == 500
+        with pytest.raises(urllib.error.HTTPError, match="infinite loop"):
+            urllib.request.urlopen(f"{base}/bad/loop.jpg", timeout=5)
         assert _get(f"{base}/images/000001.jpg")[0] == 200  # a hanging request does not block others
     finally:
         server.shutdown()

@@ -6,6 +6,7 @@ import os
 import shutil
 import tarfile
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,16 +37,23 @@ def expected_failures(urls: pd.DataFrame) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def http(tmp_path_factory):
+    """The corpus's HTTP server: (root, server, base URL)."""
     root = tmp_path_factory.mktemp("corpus")
     make_corpus(root, n_train=N_GOOD, n_val=24, seed=0, size=48)
     server, base = start_server(root)
+    yield root, server, base
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(http):
+    root, _, base = http
     urls = write_url_list(root, base, bad_urls=True)
     with open(root / "urls.csv", "ab") as f:  # a row in Latin-1, in a UTF-8 file
         f.write(f"{base}/images/000001.jpg?latin1,caf".encode() + b"\xe9 au lait\n")
-    yield root, urls
-    server.shutdown()
-    server.server_close()
+    return root, urls
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +180,8 @@ def test_cli_errors(served, tmp_path, capsys):
         ([str(root / "urls.csv"), "--caption-col", "text"], "'text'"),
         ([str(root / "corpus.json"), "--input-format", "xml"], "'xml'"),
         ([str(tmp_path / "urls.xlsx")], "urls.xlsx: unsupported format"),
+        ([str(root / "urls.csv"), "--language", "en"], "--language needs --language-col"),
+        ([str(root / "urls.csv"), "--preset", "wit"], "no column 'image_url'"),
     ]
     for args, needle in cases:
         assert main(["download", *args, "--out", str(tmp_path / "shards")]) == 2, args
@@ -189,6 +199,11 @@ def test_manifest_detects_damage(shards, tmp_path):
         tar.add(copy / "00000_stats.json", arcname="999999999.json")
     with pytest.raises(DataToolsError, match="00000.tar: 21 samples"):
         build_manifest(copy)
+
+
+def _members(tar_path, suffix):
+    with tarfile.open(tar_path) as tar:
+        return [tar.extractfile(m).read() for m in tar if m.isfile() and m.name.endswith(suffix)]
 
 
 def _keys(tar_path):
@@ -218,3 +233,39 @@ def test_array_slices_give_the_shards_of_one_download(served, shards, tmp_path):
     # a rerun with other settings is refused before anything is submitted
     with pytest.raises(DataToolsError, match="image_size 32 there, 64 now"):
         download_array.split(load(root / "urls.csv"), tmp_path, dataclasses.replace(OPTIONS, image_size=64), tasks=3)
+
+
+@pytest.mark.slow
+def test_killed_download_resumes_without_refetching(http, served, tmp_path):
+    """kill -9 of the whole download mid-way; the rerun fetches only the rows of shards that had not finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, urls = served
+    good = urls.iloc[:N_GOOD].assign(url=lambda d: d["url"] + "?delay=0.15")
+    good.to_parquet(tmp_path / "slow.parquet")
+    out = tmp_path / "shards"
+    args = ["download", str(tmp_path / "slow.parquet"), "--out", str(out), "--image-size", "32",
+            "--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools", *args], cwd=Path(__file__).parent.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name[:5] for p in out.glob("*_stats.json"))
+    assert 1 <= len(done) < 6, done
+    server = http[1]
+    before = dict(server.requests)
+    assert main(args) == 0
+    again = Counter({path: n - before.get(path, 0) for path, n in server.requests.items()})
+    finished_urls = set()
+    for shard in done:
+        finished_urls |= {json.loads(m)["url"] for m in _members(out / f"{shard}.tar", ".json")}
+    refetched = {u for u in finished_urls if again[u[u.index("/images"):]]}
+    assert not refetched, f"rerun fetched {len(refetched)} images of finished shards {done}"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_samples"] == N_GOOD and missing_rows(manifest) == 0

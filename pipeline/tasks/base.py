@@ -40,6 +40,11 @@ class Task:
         """PIL image -> tensor, as the model expects it (evaluation datasets use it directly)."""
         raise NotImplementedError
 
+    def decode_size(self) -> int | None:
+        """Shorter image side the train transform needs; larger JPEGs are decoded at reduced size (pipeline/data.py).
+        None: always decode at full size."""
+        return None
+
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch; the dict's scalars go to TensorBoard under train/."""
         raise NotImplementedError

@@ -81,7 +81,7 @@ class ClipTask(Task):
         return image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=train)
 
     def transform(self, train: bool):
-        return _ClipTransform(self.image_transform(train), self.tokenizer)
+        return ClipTransform(self.image_transform(train), self.tokenizer)
 
     def loss(self, model, batch):
         if self._loss is None:  # built lazily: rank and world size are known once the process group exists
@@ -93,6 +93,10 @@ class ClipTask(Task):
         out = model(image=batch["image"], text=batch["text"])
         loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"])
         return loss, {"logit_scale": out["logit_scale"].detach().float().item()}
+
+    def decode_size(self) -> int:
+        size = open_clip.get_model_config(self.cfg.model.name)["vision_cfg"]["image_size"]
+        return max(size) if isinstance(size, (list, tuple)) else size
 
     def example_batch(self, batch_size, device):
         size = open_clip.get_model_config(self.cfg.model.name)["vision_cfg"]["image_size"]
@@ -122,7 +126,7 @@ def from_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-class _ClipTransform:
+class ClipTransform:
     """Picklable (DataLoader workers): PIL image + caption -> normalised image tensor + token ids."""
 
     def __init__(self, preprocess, tokenizer):
