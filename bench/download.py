@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ratio = statistics.median(rates["ours"]) / statistics.median(rates["img2dataset"])
     table = "\n".join(["| | images/s | ratio |", "|---|---|---|",
                        f"| img2dataset CLI | {median_range(rates['img2dataset'], '{:.0f}')} | 1 |",
-                       f"| data_tools download | {median_range(rates['ours'], '{:.0f}')} | {ratio:.2f}x |"])
+                       f"| data_tools download | {median_range(rates['ours'], '{:.0f}')} | {ratio:.3f}x |"])
     print(table)
     if args.write:
         command = "python -m bench.download " + " ".join(a for a in (argv or sys.argv[1:]) if a != "--write")

@@ -12,8 +12,10 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -28,6 +30,7 @@ from data_tools.manifest import MANIFEST, write_manifest
 SHARD_SETTINGS = ("image_size", "resize_mode", "number_sample_per_shard", "min_image_size", "max_aspect_ratio",
                   "max_image_area")
 INPUT = "_input.parquet"  # the kept rows, as img2dataset reads them (kept for reruns: same rows, same shards)
+RECORD_KEY = "data_tools.download"  # INPUT's schema metadata: the record prepare() checks a rerun against
 # Image side per target model: CLIP towers train at their open_clip image_size (random-resized crops of the whole
 # image, so the stored image keeps its ratio), ImageGPT at its palette resolution (centre crops, square).
 TARGETS = {"ViT-B-32": 224, "ViT-B-16": 224, "ViT-L-14": 224, "ViT-L-14-336": 336, "RN50": 224, "RN101": 224,
@@ -53,6 +56,8 @@ class Options:
     max_image_area: float = 100e6
     honour_robots: bool = True  # skip images served with X-Robots-Tag noai/noimageai/noindex/noimageindex
     progress: bool = True
+    distributor: str = "multiprocessing"  # or pyspark: img2dataset's shards as Spark tasks (spark_session)
+    spark_master: str | None = None  # pyspark: spark://host:7077, yarn, ...; default local[processes]
 
     def img2dataset(self, input_format: str = "parquet") -> dict:
         """Exactly what img2dataset.download gets besides url_list and output_folder."""
@@ -62,7 +67,7 @@ class Options:
             min_image_size=self.min_image_size, max_aspect_ratio=self.max_aspect_ratio,
             max_image_area=self.max_image_area, url_col="url", caption_col="caption", input_format=input_format,
             output_format="webdataset", encode_format="jpg", incremental_mode="incremental",
-            distributor="multiprocessing", enable_wandb=False,
+            distributor=self.distributor, enable_wandb=False,
             disallowed_header_directives=None if self.honour_robots else [])
 
 
@@ -100,19 +105,38 @@ def run_img2dataset(source: Path, out: Path, settings: dict, first_shard: int = 
 
 
 def prepare(urls: lists.UrlList, out: Path, settings: dict) -> dict:
-    """The record every manifest of this download starts from; a rerun must match the previous one."""
+    """The record every manifest of this download starts from; a rerun must match the previous one. The record
+    also travels in the metadata of INPUT, written before img2dataset starts: a download killed before it wrote a
+    manifest is still checked on its rerun."""
     out.mkdir(parents=True, exist_ok=True)
     info = {"rows": urls.rows, "kept": urls.table.num_rows, "captions_truncated": urls.captions_truncated,
             "img2dataset": {"version": version("img2dataset"), "settings": recorded(settings)}}
     path = out / MANIFEST
+    for previous in (out / INPUT, path):
+        if record := read_record(previous):
+            check_rerun(record, settings, urls.rows, urls.table.num_rows, out)
     if path.is_file():
-        check_rerun(json.loads(path.read_text()), settings, urls.rows, urls.table.num_rows, out)
-        # img2dataset takes every *.json in the output folder for a `{shard}_stats.json` and crashes on ours
-        path.unlink()
+        path.unlink()  # rewritten when img2dataset ends; img2dataset must not see it (below)
+    # img2dataset's incremental mode takes every *.json in the output folder for a `{shard}_stats.json`
+    # (int(name.split("_")[0])) and crashes on any other: refuse before anything starts.
+    if foreign := sorted(f.name for f in out.glob("*.json") if not f.name.split("_")[0].isdigit()):
+        raise DataToolsError(f"{out / foreign[0]}: img2dataset reads every *.json in --out as a shard record; "
+                             f"move {', '.join(foreign)} out of {out}")
     tmp = out / (INPUT + ".tmp")
-    pq.write_table(urls.table, tmp)
+    pq.write_table(urls.table.replace_schema_metadata({RECORD_KEY: json.dumps(info)}), tmp)
     os.replace(tmp, out / INPUT)
     return info
+
+
+def read_record(path: Path) -> dict | None:
+    """The download record of a manifest, or of the metadata of an INPUT parquet."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    metadata = pq.read_schema(path).metadata or {}
+    record = metadata.get(RECORD_KEY.encode())
+    return json.loads(record) if record else None
 
 
 def download(urls: lists.UrlList, out: str | Path, options: Options = Options()) -> dict:
@@ -122,13 +146,45 @@ def download(urls: lists.UrlList, out: str | Path, options: Options = Options())
     info = prepare(urls, out, settings)
     done_before = sum(json.loads(f.read_text())["successes"] for f in out.glob("*_stats.json"))
     start = time.perf_counter()
-    with Progress(out, shards=math.ceil(urls.table.num_rows / options.samples_per_shard), enabled=options.progress):
+    spark = spark_session(options) if options.distributor == "pyspark" else contextlib.nullcontext()
+    with spark, Progress(out, shards=math.ceil(urls.table.num_rows / options.samples_per_shard),
+                         enabled=options.progress):
         run_img2dataset(out / INPUT, out, settings)
     elapsed = time.perf_counter() - start
     manifest = write_manifest(out, info, urls.dropped)
     # not in the manifest file: it describes the shards, this describes one (possibly resumed) run
     manifest["last_run"] = {"elapsed_s": elapsed, "new_samples": manifest["total_samples"] - done_before}
     return manifest
+
+
+@contextlib.contextmanager
+def spark_session(options: Options) -> Iterator[None]:
+    """The SparkSession img2dataset's pyspark distributor runs on (it takes the active one): on
+    options.spark_master, or local[processes]. Executors unpickle our img2dataset hooks (SafeResizer), so they get
+    this project's directory on PYTHONPATH: on a cluster it must be at the same path on every node (a shared
+    filesystem, as the output folder must be too)."""
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise DataToolsError("--distributor pyspark: pyspark is not installed (pip install -r requirements.txt)")
+    root = str(Path(__file__).resolve().parent.parent)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYSPARK_PYTHON")}
+    path = os.pathsep.join(filter(None, [root, saved["PYTHONPATH"]]))
+    # local mode: the Python workers Spark starts inherit this environment; on a cluster, executorEnv
+    os.environ.update(PYTHONPATH=path, PYSPARK_PYTHON=saved["PYSPARK_PYTHON"] or sys.executable)
+    spark = (SparkSession.builder.master(options.spark_master or f"local[{options.processes}]")
+             .appName("data_tools download").config("spark.executorEnv.PYTHONPATH", path)
+             .config("spark.ui.enabled", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        yield
+    finally:
+        spark.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def missing_rows(manifest: dict) -> int:
@@ -199,7 +255,7 @@ def options_from(args: argparse.Namespace) -> Options:
                    processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries,
                    min_image_size=args.min_image_size, max_aspect_ratio=args.max_aspect_ratio,
                    max_image_area=args.max_image_area, honour_robots=not args.ignore_robots_headers,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, distributor=args.distributor, spark_master=args.spark_master)
 
 
 def url_list_from(args: argparse.Namespace) -> lists.UrlList:
@@ -215,6 +271,11 @@ def url_list_from(args: argparse.Namespace) -> lists.UrlList:
 
 def run(args: argparse.Namespace) -> int:
     options = options_from(args)  # flags first: a bad one is refused before the list is read
+    if args.spark_master and options.distributor != "pyspark":
+        raise DataToolsError("--spark-master: only with --distributor pyspark")
+    if args.slurm and options.distributor != "multiprocessing":
+        raise DataToolsError("--slurm and --distributor pyspark: each SLURM array task downloads with its own "
+                             "processes")
     urls = url_list_from(args)
     if args.slurm:
         from data_tools import download_array
@@ -259,6 +320,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--ignore-robots-headers", action="store_true",
                    help="download images whose X-Robots-Tag says noai/noimageai/noindex/noimageindex (default: skip)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--distributor", choices=("multiprocessing", "pyspark"), default="multiprocessing",
+                   help="pyspark: img2dataset's shards as tasks of a Spark session (--spark-master)")
+    g.add_argument("--spark-master", metavar="URL",
+                   help="spark://host:7077, yarn, ... (default: local[--processes])")
     g = array.add_arguments(p, "one array task per slice of the list")
     g.add_argument("--tasks", type=int, default=16, help="array tasks (each gets whole shards)")
     p.set_defaults(func=run)

@@ -434,11 +434,12 @@ def summary(result: PaletteFit, path: Path) -> str:
 
 
 def default_out(urls: list[str], shards: str, k: int) -> Path:
-    """SHARDS/palette_k{k}.npy: beside the shards (the directory, or a pattern's first shard's directory)."""
+    """SHARDS/palette/k{k}.npy: beside the shards (the directory, or a pattern's first shard's directory), in a
+    folder of its own: img2dataset's incremental mode reads every SHARDS/*.json as a shard record."""
     folder = Path(shards) if Path(shards).is_dir() else Path(urls[0]).parent
     if is_remote(urls[0]) or not folder.is_dir():
         raise DataToolsError(f"{shards}: shards are not in a local directory; name the palette file with --out")
-    return folder / f"palette_k{k}.npy"
+    return folder / "palette" / f"k{k}.npy"
 
 
 def _count(text: str) -> int:
@@ -468,7 +469,8 @@ def add_parser(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", metavar="SHARDS", help="directory of *.tar, or a brace pattern 's/{00000..00099}.tar'")
     p.add_argument("--k", type=int, default=512, help="palette size (ImageGPT: 512, 9-bit colour)")
-    p.add_argument("--out", metavar="PALETTE.npy", help="default: SHARDS/palette_k{k}.npy; record beside it (.json)")
+    p.add_argument("--out", metavar="PALETTE.npy",
+                   help="default: SHARDS/palette/k{k}.npy; record beside it (.json)")
     p.add_argument("--pixels", type=_count, default=10**6, help="pixels sampled over all images (default 1e6)")
     p.add_argument("--image-size", type=int, default=32,
                    help="side the images are resized to first: the model's resolution (ImageGPT 32/48/64)")

@@ -211,6 +211,8 @@ def render(p: Plan) -> str:
         f"time         {p.steps:,} steps x {p.global_batch:,} = {p.steps * p.global_batch / 1e9:,.2f}B samples: "
         f"{days:,.1f} days, {p.seconds / 3600 * p.ranks:,.0f} {unit}-hours",
         f"SLURM        {p.jobs} job(s) of {p.time_limit_min / 60:g} h chained by requeue "
-        f"(max_requeues {c.slurm.max_requeues})",
+        f"(max_requeues {c.slurm.max_requeues})"
+        + ("" if p.jobs <= c.slurm.max_requeues + 1 else
+           ": MORE THAN max_requeues + 1, the chain stops early; raise slurm.max_requeues or --time"),
     ]
     return "\n".join(lines)

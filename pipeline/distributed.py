@@ -28,16 +28,21 @@ class DistInfo:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list: 'gpu[001-003,007],login1' -> ['gpu001', 'gpu002', 'gpu003', 'gpu007', 'login1']."""
+    """SLURM's compressed host list, as `scontrol show hostnames` expands it: 'gpu[001-003,007],login1' ->
+    gpu001 gpu002 gpu003 gpu007 login1; several bracket groups and text after them too: 'r[1-2]n[01-02]-ib' ->
+    r1n01-ib r1n02-ib r2n01-ib r2n02-ib."""
     hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{len(lo)}d}")
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):  # commas outside brackets separate hosts
+        expanded = [""]
+        for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", name):
+            numbers = [""]
+            if ranges:
+                numbers = []
+                for part in ranges.split(","):
+                    lo, _, hi = part.partition("-")
+                    numbers += [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+            expanded = [f"{head}{text}{n}" for head in expanded for n in numbers]
+        hosts += expanded
     return hosts
 
 
@@ -62,10 +67,16 @@ def from_env(env: dict[str, str] | None = None) -> DistInfo:
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
         return DistInfo(
             rank=int(env["SLURM_PROCID"]), world_size=world, local_rank=int(env.get("SLURM_LOCALID", 0)),
-            local_world_size=max(1, world // nodes),
+            local_world_size=_tasks_per_node(env) or max(1, world // nodes),
             master_addr=env.get("MASTER_ADDR") or expand_nodelist(env["SLURM_JOB_NODELIST"])[0],
             master_port=port)
     return DistInfo(master_port=free_port())
+
+
+def _tasks_per_node(env) -> int | None:
+    """SLURM_TASKS_PER_NODE is '8(x4)' or '8(x3),7' (uneven): the count on this node's kind, the first."""
+    count = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "")
+    return int(count.group()) if count else None
 
 
 def init(device: str) -> DistInfo:

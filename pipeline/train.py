@@ -69,10 +69,12 @@ def train(cfg: config.Config, device: str) -> dict:
         metrics.add_samples(cfg.train.global_batch_size)
         engine.check_divergence(step, loss)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            dist.all_reduce(loss)
+            # summed over ranks: the mean loss, and the samples every rank's loader skipped
+            totals = torch.stack([loss.float(), torch.tensor(float(stream.skipped), device=loss.device)])
+            dist.all_reduce(totals)
             last = metrics.log_window(step, {
-                "train/loss": loss.item() / info.world_size, "train/lr": lr, "train/grad_norm": engine.grad_norm,
-                "train/skipped_steps": engine.skipped_steps, "data/skipped": stream.skipped,
+                "train/loss": totals[0].item() / info.world_size, "train/lr": lr, "train/grad_norm": engine.grad_norm,
+                "train/skipped_steps": engine.skipped_steps, "data/skipped": int(totals[1].item()),
                 **{f"train/{k}": v for k, v in logs.items()}, **_memory(device, info.world_size)})
         stop = _all_agree(STOP.is_set(), device)
         if stop or step % cfg.train.save_every == 0 or step == cfg.train.steps:
@@ -98,7 +100,7 @@ def _optimizer_step(task, engine, stream, metrics) -> tuple[torch.Tensor, dict[s
     loss_sum = torch.zeros((), device=engine.device)
     for _ in range(engine.accumulation):
         t0 = time.perf_counter()
-        batch = engine.to_device(next(stream))
+        batch = task.on_device(engine.to_device(next(stream)), engine.dtype)
         metrics.add_data_wait(time.perf_counter() - t0)
         loss, logs = task.loss(engine.model, batch)
         engine.backward(loss)
@@ -179,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGUSR1, request_stop)  # sbatch --signal=USR1@120: save, then exit for the requeue
+    # A hand-written sbatch + torchrun job: the time-limit warning (--signal=USR1@120 or USR2), scancel and
+    # pre-emption (SIGTERM, then SIGKILL after KillWait) save at the next step boundary, then exit for the requeue.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, request_stop)
     train(cfg, device)
     return 0
 

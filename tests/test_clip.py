@@ -118,3 +118,37 @@ def test_every_tower_builds_on_meta(name):
     model = task.build_model(device="meta")
     assert all(p.is_meta for p in model.parameters())
     assert task.flops_per_sample() > 1e9
+
+
+def test_train_transform_split_matches_open_clip():
+    """Loader workers crop uint8 tensors and the device normalises the batch: the same crops (same random draws)
+    and the same values as open_clip's PIL train transform, to within two grey levels (under 0.2 on average)."""
+    import numpy as np
+    from PIL import Image
+
+    task = ClipTask(config.load(TINY, ["model.name=ViT-B-32"]))
+    reference, ours = task.image_transform(train=True), task.transform(train=True)
+    grey = 1 / 255 / min(task._train_image[1].std)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(256, 341), (512, 384), (150, 233), (224, 224), (400, 180)]):
+        img = Image.fromarray(rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        torch.manual_seed(i)
+        expected = reference(img)
+        torch.manual_seed(i)
+        sample = ours({"image": img, "text": "a red circle"})
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 224, 224)
+        got = task.on_device({"image": sample["image"][None]}, torch.float32)["image"][0]
+        diff = (got - expected).abs()
+        assert diff.max() <= 2 * grey + 1e-6 and diff.mean() <= 0.2 * grey, (h, w, diff.max(), diff.mean())
+    assert task.on_device({"image": sample["image"][None]}, torch.bfloat16)["image"].dtype == torch.bfloat16
+
+
+def test_train_transform_refuses_augmentations_it_cannot_split():
+    from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+
+    from pipeline.tasks.clip import split_at_normalize
+
+    jitter = image_transform_v2(PreprocessCfg(), is_train=True,
+                                aug_cfg=AugmentationCfg(color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_prob=0.8))
+    with pytest.raises(ValueError, match="no uint8 tensor version"):
+        split_at_normalize(jitter)

@@ -137,6 +137,14 @@ def test_rerun_resumes(served, shards):
     assert again["last_run"]["new_samples"] == 0
     with pytest.raises(DataToolsError, match="image_size 32 there, 64 now"):
         download(load(root / "urls.csv"), out, dataclasses.replace(OPTIONS, image_size=64))
+    # any other *.json beside the shards would crash img2dataset's resume: refused, with its name, nothing lost
+    (out / "palette_k4.json").write_text("{}")
+    try:
+        with pytest.raises(DataToolsError, match=r"palette_k4.json: img2dataset reads every \*.json"):
+            download(load(root / "urls.csv"), out, OPTIONS)
+        assert len(list(out.glob("*.tar"))) == len(manifest["shards"])
+    finally:
+        (out / "palette_k4.json").unlink()
 
 
 def test_input_formats(served, tmp_path):
@@ -258,6 +266,8 @@ def test_killed_download_resumes_without_refetching(http, served, tmp_path):
     proc.wait()
     done = sorted(p.name[:5] for p in out.glob("*_stats.json"))
     assert 1 <= len(done) < 6, done
+    assert not (out / "manifest.json").exists()  # killed before any manifest: the input's record still checks
+    assert main([{"32": "48"}.get(a, a) for a in args]) == 2  # another --image-size: refused
     server = http[1]
     before = dict(server.requests)
     assert main(args) == 0
@@ -269,3 +279,36 @@ def test_killed_download_resumes_without_refetching(http, served, tmp_path):
     assert not refetched, f"rerun fetched {len(refetched)} images of finished shards {done}"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total_samples"] == N_GOOD and missing_rows(manifest) == 0
+
+
+def _members_by_name(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+@pytest.mark.slow
+def test_pyspark_distributor_gives_the_same_shards(served, shards, tmp_path):
+    """img2dataset's pyspark distributor on a real local Spark session (a JVM, Python workers): the same shards,
+    images and outcomes as the multiprocessing download, our img2dataset hooks (SafeResizer) included."""
+    root, _ = served
+    expected_dir, expected = shards
+    out = tmp_path / "spark"
+    assert main(["download", str(root / "urls.csv"), "--out", str(out), "--image-size", "32", "--samples-per-shard",
+                 "20", "--processes", "2", "--threads", "8", "--timeout", "2", "--no-progress",
+                 "--distributor", "pyspark"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["img2dataset"]["settings"]["distributor"] == "pyspark"
+    assert manifest["failures"] == expected["failures"] and manifest["total_samples"] == expected["total_samples"]
+    assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [(s["name"], s["samples"]) for s in expected["shards"]]
+    for shard in expected["shards"]:
+        ours, theirs = _members_by_name(out / shard["name"]), _members_by_name(expected_dir / shard["name"])
+        assert ours.keys() == theirs.keys()
+        assert all(ours[n] == theirs[n] for n in ours if not n.endswith(".json")), shard["name"]
+
+
+def test_pyspark_flags_refused_where_they_cannot_work(served, capsys):
+    root, _ = served
+    assert main(["download", str(root / "urls.csv"), "--out", "x", "--spark-master", "local[2]"]) == 2
+    assert "--spark-master: only with --distributor pyspark" in capsys.readouterr().err
+    assert main(["download", str(root / "urls.csv"), "--out", "x", "--distributor", "pyspark", "--slurm", "cpu"]) == 2
+    assert "--slurm and --distributor pyspark" in capsys.readouterr().err

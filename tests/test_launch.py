@@ -151,6 +151,12 @@ def test_plan_time_is_samples_over_throughput():
     assert p.jobs == -(-int(p.seconds) // (72 * 3600 - 300))
     text = plan.render(p)
     assert "ViT-L-14: 427.6M parameters" in text and "256 ranks, fp16" in text and "fits" in text
+    # ViT-L/14@336 (docs/SLURM.md): 2.25x the FLOPs per sample of L/14 at (336/224)^2 the tokens; the paper's model
+    # is L/14 plus one of its 32 epochs at 336 px: 12.2 + 27.4 / 32 = 13.1 days, "12 days" + 1 epoch
+    at336 = plan.make("configs/clip/vit_l14_336.yaml", "v100", 32, mfu=0.2)
+    assert at336.flops_per_sample / p.flops_per_sample == pytest.approx(2.25, rel=0.03)
+    assert at336.seconds / 86400 == pytest.approx(27.4, rel=0.02) and at336.fits
+    assert (p.seconds + at336.seconds / 32) / 86400 == pytest.approx(13.1, rel=0.02)
 
 
 def test_plan_activations_match_the_transformer_formula():

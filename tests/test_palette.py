@@ -143,9 +143,7 @@ def test_bad_input_is_refused_naming_the_file(tmp_path):
 
 
 @pytest.fixture
-def main(monkeypatch):
-    if "palette" not in cli.COMMANDS:  # until the command is registered
-        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "palette"))
+def main():
     return cli.main
 
 
@@ -153,7 +151,7 @@ def test_cli_writes_palette_and_record(main, shards, fitted, capsys):
     pattern = f"{shards}/{{00000..00003}}.tar"
     assert main(["palette", pattern, "--k", "4", "--pixels", "3e3", "--image-size", str(SIZE),
                  "--batch-size", "256", "--workers", "2", "--no-progress"]) == 0
-    out = shards / "palette_k4.npy"
+    out = shards / "palette" / "k4.npy"
     assert load_palette(out).tobytes() == fitted.centres.tobytes()
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["k"] == 4 and record["seed"] == 0 and record["pixels_used"] == 3000

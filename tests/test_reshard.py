@@ -133,13 +133,17 @@ def test_corrupt_members_and_imageless_samples_dropped(tmp_path):
     samples["00002"] = {**samples["00002"], "extra.png": png(2)[:40]}  # a second, cut image: member dropped
     samples["00003"] = {"txt": b"no image", "json": b"{}"}
     samples["00004"] = {**samples["00004"], "seg.PNG": png(4)}  # a second, good image (upper case) kept
+    noisy = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(noisy, format="JPEG")
+    assert Image.open(io.BytesIO(noisy.getvalue()[:-500])).verify() is None  # verify() alone would keep it
+    samples["00005"] = {**samples["00005"], "jpg": noisy.getvalue()[:-500]}  # a JPEG cut short: dropped
     write_tar(tmp_path / "in" / "00000.tar", samples)
     manifest = reshard(expand_shards(str(tmp_path / "in")), tmp_path / "out", samples_per_shard=100)
-    assert manifest["failures"] == {"decode_error": 1, "no_image": 1}
-    assert manifest["dropped_members"] == {"corrupt_image": 2}
-    assert manifest["total_samples"] == 5 and manifest["rows"] == 7
+    assert manifest["failures"] == {"decode_error": 2, "no_image": 1}
+    assert manifest["dropped_members"] == {"corrupt_image": 3}
+    assert manifest["total_samples"] == 4 and manifest["rows"] == 7
     got = read_out(tmp_path / "out")
-    assert list(got) == ["00000", "00002", "00004", "00005", "00006"]
+    assert list(got) == ["00000", "00002", "00004", "00006"]
     assert got["00002"] == source["00002"] and got["00004"] == samples["00004"]
 
 

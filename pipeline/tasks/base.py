@@ -36,6 +36,11 @@ class Task:
         """Decoded sample dict (PIL image, caption str, label int...) -> dict of tensors."""
         raise NotImplementedError
 
+    def on_device(self, batch: dict, dtype: torch.dtype) -> dict:
+        """The rest of the transform, on the device over the whole batch (e.g. uint8 -> normalised `dtype`): what
+        is cheap there but costly per image in a loader worker."""
+        return batch
+
     def image_transform(self, train: bool) -> Callable:
         """PIL image -> tensor, as the model expects it (evaluation datasets use it directly)."""
         raise NotImplementedError

@@ -38,7 +38,12 @@ if ((${#need[@]})); then
   log "installing slurm-wlm munge slurmdbd mariadb-server (missing: ${need[*]})"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
+  # Debian's maintainer scripts would start the system's munge, mariadb and slurm services on a host with an init
+  # system; those are not ours to start (nor would stop.sh stop them): policy-rc.d 101 forbids it for this install.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && added_policy=1; fi
   apt-get install -y -qq --no-install-recommends slurm-wlm munge slurmdbd mariadb-server >/dev/null
+  [ -z "${added_policy:-}" ] || rm -f "$policy"
 fi
 
 # -- layout and ports ----------------------------------------------------------------------------------------
