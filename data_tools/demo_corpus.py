@@ -157,6 +157,8 @@ def bad_url_rows(base_url: str) -> list[dict]:
         (f"{base_url}/bad/loop.jpg", "redirect_loop"),  # redirects to itself
         (f"{base_url}/bad/notimage.jpg", "decode_error"),  # 200 text/html
         (f"{base_url}/bad/truncated.jpg", "truncated"),  # body shorter than Content-Length
+        (f"{base_url}/bad/cut.jpg", "image_truncated"),  # the first half of a JPEG, served whole: OpenCV takes it
+        (f"{base_url}/bad/noai.jpg", "disallowed"),  # a good image served with X-Robots-Tag: noai
         (f"{base_url}/bad/slow.jpg", "timeout"),  # answers after 30 s
         (f"{base_url}/bad/never.jpg", "timeout"),  # reads the request, never answers
         (f"{base_url}/bad/bomb.png", "image_too_large"),  # a 400 KB PNG of 20k x 20k pixels
@@ -253,10 +255,12 @@ class _Handler(SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - signature of the base class
         pass
 
-    def _send(self, body: bytes, content_type: str, length: int | None = None) -> None:
+    def _send(self, body: bytes, content_type: str, length: int | None = None, **headers: str) -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if length is None else length))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
         self.end_headers()
         self.wfile.write(body)
 
@@ -270,6 +274,11 @@ class _Handler(SimpleHTTPRequestHandler):
         elif self.path == "/bad/truncated.jpg":
             jpeg = _sample_jpeg()
             self._send(jpeg[: len(jpeg) // 2], "image/jpeg", length=len(jpeg))  # the connection closes early
+        elif self.path == "/bad/cut.jpg":
+            jpeg = _sample_jpeg()
+            self._send(jpeg[: len(jpeg) // 2], "image/jpeg")
+        elif self.path == "/bad/noai.jpg":
+            self._send(_sample_jpeg(), "image/jpeg", X_Robots_Tag="noai, noimageai")
         elif self.path == "/bad/slow.jpg":
             self.server.stopping.wait(30)  # type: ignore[attr-defined]
             self._send(_sample_jpeg(), "image/jpeg")

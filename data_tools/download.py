@@ -290,7 +290,8 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("download", help="download a URL list into WebDataset shards (img2dataset)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("urls", metavar="URLS", help="URL list: " + ", ".join(lists.FORMATS))
+    p.add_argument("urls", metavar="URLS", nargs="+",
+                   help="URL list: files (" + ", ".join(lists.FORMATS) + ") or directories of them, read as one")
     p.add_argument("--out", required=True, metavar="SHARDS", help="output directory (resumed if it exists)")
     g = p.add_argument_group("input")
     g.add_argument("--input-format", default="auto", help="auto: from the file suffix")

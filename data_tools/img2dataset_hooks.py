@@ -5,9 +5,11 @@
 - Images OpenCV decodes wrongly or dangerously: img2dataset decodes with `cv2.imdecode(IMREAD_UNCHANGED)`, which
   ignores EXIF orientation (phone photos come out on their side), reads Adobe CMYK JPEGs with inverted colours,
   keeps 16-bit PNGs 16-bit (then fails to encode them as JPEG), and decodes any size before checking the area (a
-  few-KB PNG claiming 50k x 50k pixels takes 7.5 GB). PIL reads the header first (microseconds, no pixels
-  decoded): oversized images are refused there; the few images in need are decoded by PIL, turned upright and to
-  8-bit RGB, and handed on as lossless PNG; everything else goes to img2dataset untouched.
+  few-KB PNG claiming 50k x 50k pixels takes 7.5 GB), and takes a JPEG cut short for a whole one (the missing
+  rows come out grey). PIL reads the header first (microseconds, no pixels decoded): oversized images are refused
+  there; a JPEG that does not end with its end-of-image marker is decoded at 1/8 scale by PIL and refused if cut
+  short; the few images in need are decoded by PIL, turned upright and to 8-bit RGB, and handed on as lossless PNG;
+  everything else goes to img2dataset untouched.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ class SafeResizer(Resizer):
                 width, height = img.size
                 if width * height > self.max_image_area:
                     return None, None, None, None, None, "image area too large"
+                if img.format == "JPEG" and _cut_short(img_stream):
+                    return None, None, None, None, None, "image truncated: JPEG cut short"
                 orientation = img.getexif().get(_ORIENTATION, 1) if img.format in ("JPEG", "TIFF", "WEBP") else 1
                 sixteen_bit = img.format == "PNG" and bool(img.tile) and "16" in str(img.tile[0].args)
                 if orientation != 1 or sixteen_bit or img.mode in _NEEDS_PIL:
@@ -45,6 +49,22 @@ class SafeResizer(Resizer):
             pass
         img_stream.seek(0)
         return super().__call__(img_stream, blurring_bbox_list)
+
+
+def _cut_short(stream: io.BytesIO) -> bool:
+    """Whether a JPEG's data ends before its last scan does. Ending with the EOI marker (FF D9, which cannot occur in
+    entropy-coded data) proves it whole at no cost; the rest (cut, or with a trailer after EOI as some cameras
+    write) are decoded at 1/8 scale, which still reads every byte of the scans."""
+    with stream.getbuffer() as data:
+        if data[-2:] == b"\xff\xd9":
+            return False
+    try:
+        with Image.open(io.BytesIO(stream.getvalue())) as img:  # its own stream: the caller's image reads this one
+            img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        return False
+    except OSError:  # "image file is truncated"
+        return True
 
 
 def _normalized(img: Image.Image) -> io.BytesIO:

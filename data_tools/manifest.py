@@ -35,6 +35,7 @@ _REASONS = (  # first match wins
     (r"Image decoding error", "decode_error"),
     (r"image too small", "image_too_small"),
     (r"image area too large", "image_too_large"),
+    (r"JPEG cut short", "image_truncated"),  # data_tools/img2dataset_hooks.py
     (r"aspect ratio too large", "bad_aspect_ratio"),
     (r"X-Robots-Tag", "disallowed"),
     (r"hash mismatch", "hash_mismatch"),

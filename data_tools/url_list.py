@@ -1,7 +1,9 @@
 """URL lists in: the rows img2dataset should fetch, and a count of every row dropped before it, by reason.
 
-Formats: csv, tsv (.gz), parquet, jsonl (.gz), json; column names configurable. Every input row ends in exactly
-one place: kept (handed to img2dataset, which then counts its own successes and failures) or dropped here as
+Formats: csv, tsv (.gz), parquet, jsonl (.gz), json; one file, several, or directories of them (Google WIT comes as
+10 .tsv.gz files), read as one list; column names configurable. Every input row ends in exactly one place: kept
+(handed to img2dataset, which then counts its own successes and failures) or dropped here as
+  malformed_row                                  a csv/tsv line with the wrong number of fields
   empty_url / unsupported_scheme / invalid_url   img2dataset's urllib would read file:// from the local disk and
                                                  call ftp:// a connection error
   bad_encoding                                   url or caption not valid UTF-8
@@ -79,14 +81,33 @@ def detect_format(path: Path, given: str = "auto") -> str:
     return fmt
 
 
-def read_columns(path: Path, fmt: str, columns: list[str]) -> pa.Table:
-    """The given columns as they are in the file (csv/tsv as binary: their encoding is checked later);
-    unknown columns or an unreadable file -> DataToolsError."""
+def input_files(paths) -> list[Path]:
+    """The list's files: those given, and the files with a known suffix in the directories given (sorted)."""
+    files = []
+    for path in map(Path, paths if isinstance(paths, (list, tuple)) else [paths]):
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.is_file() and f.name.lower().endswith(tuple(FORMATS)))
+            if not found:
+                raise DataToolsError(f"{path}: no URL list files in it ({', '.join(FORMATS)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataToolsError(f"{path}: no such file")
+    return files
+
+
+def read_columns(path: Path, fmt: str, columns: list[str]) -> tuple[pa.Table, int]:
+    """The given columns as they are in the file (csv/tsv as binary: their encoding is checked later), and how many
+    csv/tsv lines had the wrong number of fields (skipped); unknown columns or an unreadable file ->
+    DataToolsError."""
+    malformed = []
     try:
         if fmt == "parquet":
             names = pq.read_schema(path).names
         elif fmt.startswith(("csv", "tsv")):
-            parse = pa_csv.ParseOptions(delimiter="\t" if fmt.startswith("tsv") else ",", newlines_in_values=True)
+            parse = pa_csv.ParseOptions(delimiter="\t" if fmt.startswith("tsv") else ",", newlines_in_values=True,
+                                        invalid_row_handler=lambda row: malformed.append(row) or "skip")
             names = pa_csv.open_csv(path, parse_options=parse).schema.names  # reads the first block only
         elif fmt.startswith("jsonl"):
             table = pa_json.read_json(path)
@@ -98,12 +119,13 @@ def read_columns(path: Path, fmt: str, columns: list[str]) -> pa.Table:
         if missing:
             raise DataToolsError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)})")
         if fmt == "parquet":
-            return pq.read_table(path, columns=columns)
+            return pq.read_table(path, columns=columns), 0
         if fmt.startswith(("csv", "tsv")):
             convert = pa_csv.ConvertOptions(include_columns=columns, column_types={c: pa.binary() for c in columns},
                                             strings_can_be_null=True, quoted_strings_can_be_null=False)
-            return pa_csv.read_csv(path, parse_options=parse, convert_options=convert)
-        return table.select(columns)
+            malformed.clear()  # open_csv above has parsed the first block already
+            return pa_csv.read_csv(path, parse_options=parse, convert_options=convert), len(malformed)
+        return table.select(columns), 0
     except (pa.ArrowInvalid, ValueError, OSError) as e:
         if isinstance(e, DataToolsError):
             raise
@@ -133,8 +155,9 @@ def _as_text(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.Array]:
 
 
 def url_problems(urls: pa.ChunkedArray) -> pa.Array:
-    """Per row: null for a usable http(s) URL, else empty_url / unsupported_scheme / invalid_url."""
-    urls = urls.cast(pa.string())
+    """Per row: null for a usable http(s) URL (surrounding blanks ignored), else empty_url / unsupported_scheme /
+    invalid_url."""
+    urls = pc.utf8_trim_whitespace(urls.cast(pa.string()))
     empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(urls)), 0), True)
     http = pc.fill_null(pc.match_substring_regex(urls, r"^https?://", ignore_case=True), False)
     ok = pc.fill_null(pc.match_substring_regex(urls, r"^https?://[^/?#\s]", ignore_case=True), False)
@@ -149,22 +172,23 @@ def _first_occurrence(urls: pa.ChunkedArray) -> pa.Array:
     return pc.is_in(index.column("i"), value_set=first)
 
 
-def load(path: str | Path, fmt: str = "auto", columns: Columns = Columns(), keep: RowFilter = RowFilter()) -> UrlList:
-    """Read a URL list and drop the rows no download should be tried for, counting each under one reason."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataToolsError(f"{path}: no such file")
-    fmt = detect_format(path, fmt)
+def load(paths, fmt: str = "auto", columns: Columns = Columns(), keep: RowFilter = RowFilter()) -> UrlList:
+    """Read a URL list (a file, several, or directories of them: one list, deduplicated across files, in order)
+    and drop the rows no download should be tried for, counting each under one reason."""
+    files = input_files(paths)
+    formats = [detect_format(f, fmt) for f in files]  # every file checked before any is read
     if keep.languages and not columns.language:
         raise DataToolsError("--language needs --language-col (the column holding each row's language)")
-    wanted = [columns.url, *columns.captions] + ([columns.language] if keep.languages else [])
-    raw = read_columns(path, fmt, list(dict.fromkeys(wanted)))
-    text, valid = {}, pa.array([True] * raw.num_rows, pa.bool_())
-    for name in raw.column_names:
-        text[name], ok = _as_text(raw.column(name))
-        valid = pc.and_(valid, ok)
+    wanted = list(dict.fromkeys([columns.url, *columns.captions] + ([columns.language] if keep.languages else [])))
+    parts = [read_columns(f, f_fmt, wanted) for f, f_fmt in zip(files, formats)]
+    n = sum(table.num_rows for table, _ in parts)
+    text, valid = {}, pa.array([True] * n, pa.bool_())
+    for name in wanted:  # per file (csv columns come as bytes, parquet ones as strings), then as one column
+        pieces = [_as_text(table.column(name)) for table, _ in parts]
+        text[name] = pa.chunked_array([c for column, _ in pieces for c in column.chunks], pa.string())
+        valid = pc.and_(valid, pa.concat_arrays([ok for _, ok in pieces]))
 
-    caption = pa.nulls(raw.num_rows, pa.string())
+    caption = pa.nulls(n, pa.string())
     for name in reversed(columns.captions):  # the first non-empty column wins
         value = pc.utf8_trim_whitespace(text[name])
         caption = pc.if_else(pc.fill_null(pc.greater(pc.utf8_length(value), 0), False), value, caption)
@@ -193,4 +217,6 @@ def load(path: str | Path, fmt: str = "auto", columns: Columns = Columns(), keep
     kept = pc.is_null(reason)
     table = pa.table({"url": url, "caption": caption}).filter(kept)
     dropped = Counter({k["values"]: k["counts"] for k in pc.value_counts(reason.drop_null()).to_pylist()})
-    return UrlList(table=table, rows=raw.num_rows, dropped=dropped, captions_truncated=truncated)
+    if malformed := sum(m for _, m in parts):
+        dropped["malformed_row"] = malformed
+    return UrlList(table=table, rows=n + malformed, dropped=dropped, captions_truncated=truncated)

@@ -312,3 +312,34 @@ def test_pyspark_flags_refused_where_they_cannot_work(served, capsys):
     assert "--spark-master: only with --distributor pyspark" in capsys.readouterr().err
     assert main(["download", str(root / "urls.csv"), "--out", "x", "--distributor", "pyspark", "--slurm", "cpu"]) == 2
     assert "--slurm and --distributor pyspark" in capsys.readouterr().err
+
+
+def test_cut_short_jpegs_told_from_whole_ones():
+    """A JPEG cut short is refused before OpenCV (which would fill the missing rows with grey); one with a trailer
+    after its end-of-image marker, as some cameras write, is whole."""
+    from data_tools.img2dataset_hooks import _cut_short
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    assert not _cut_short(io.BytesIO(jpeg))
+    assert not _cut_short(io.BytesIO(jpeg + b"SEFH trailer written by a phone"))
+    assert _cut_short(io.BytesIO(jpeg[: len(jpeg) * 2 // 3]))
+
+
+@pytest.mark.parametrize("flags, size, mode", [
+    (["--target", "ViT-L-14-336"], 336, "keep_ratio"), (["--target", "RN50x64"], 448, "keep_ratio"),
+    (["--target", "igpt-32"], 32, "center_crop"), (["--target", "igpt-64", "--image-size", "80"], 80, "center_crop"),
+    ([], 64, "border")])
+def test_target_presets_and_limits_reach_img2dataset(flags, size, mode):
+    from data_tools.cli import build_parser
+    from data_tools.download import options_from
+
+    args = build_parser("download").parse_args(["download", "u.csv", "--out", "o", "--min-image-size", "100",
+                                                "--max-aspect-ratio", "3", *flags])
+    settings = options_from(args).img2dataset()
+    assert (settings["image_size"], settings["resize_mode"]) == (size, mode)
+    assert settings["min_image_size"] == 100 and settings["max_aspect_ratio"] == 3
+    assert settings["disallowed_header_directives"] is None  # img2dataset's own list: noai, noindex, ...
+    ignore = build_parser("download").parse_args(["download", "u.csv", "--out", "o", "--ignore-robots-headers"])
+    assert options_from(ignore).img2dataset()["disallowed_header_directives"] == []

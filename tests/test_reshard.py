@@ -63,16 +63,14 @@ def make_shards(folder, shards=3, per_shard=7) -> dict[str, dict[str, bytes]]:
     return everything
 
 
-def run_cli(monkeypatch, *argv) -> int:
-    """data_tools.cli.main with these two commands only (independent of the other commands' modules)."""
-    monkeypatch.setattr(cli, "COMMANDS", ("reshard", "from_folder"))
+def run_cli(*argv) -> int:
     return cli.main([str(a) for a in argv])
 
 
-def test_merge_keeps_every_sample_and_byte(tmp_path, monkeypatch, capsys):
+def test_merge_keeps_every_sample_and_byte(tmp_path, capsys):
     source = make_shards(tmp_path / "in")
     out = tmp_path / "out"
-    assert run_cli(monkeypatch, "reshard", tmp_path / "in", "--out", out, "--samples-per-shard", 5) == 0
+    assert run_cli("reshard", tmp_path / "in", "--out", out, "--samples-per-shard", 5) == 0
     assert "21 samples from 3 shards into 5 shards" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [
@@ -148,7 +146,7 @@ def test_corrupt_members_and_imageless_samples_dropped(tmp_path):
 
 
 @pytest.mark.parametrize("cut", ["in_member", "at_member_boundary"])
-def test_damaged_input_shard_reported_rest_resharded(tmp_path, monkeypatch, capsys, cut):
+def test_damaged_input_shard_reported_rest_resharded(tmp_path, capsys, cut):
     source = make_shards(tmp_path / "in")
     damaged = tmp_path / "in" / "00001.tar"
     with tarfile.open(damaged) as tar:
@@ -156,7 +154,7 @@ def test_damaged_input_shard_reported_rest_resharded(tmp_path, monkeypatch, caps
     # cut inside the jpg of its 4th sample, or right after its 3rd sample's last member
     end = members[12].offset_data + 10 if cut == "in_member" else members[12].offset
     os.truncate(damaged, end)
-    assert run_cli(monkeypatch, "reshard", tmp_path / "in", "--out", tmp_path / "out", "--samples-per-shard", 4) == 1
+    assert run_cli("reshard", tmp_path / "in", "--out", tmp_path / "out", "--samples-per-shard", 4) == 1
     err = capsys.readouterr().err
     assert err.count(str(damaged)) == 1 and "damaged shard" in err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -168,17 +166,17 @@ def test_damaged_input_shard_reported_rest_resharded(tmp_path, monkeypatch, caps
     assert manifest["failures"] == {"damaged_shard": 1} and manifest["total_samples"] == len(kept) == 16
 
 
-def test_refusals(tmp_path, monkeypatch, capsys):
+def test_refusals(tmp_path, capsys):
     make_shards(tmp_path / "in", shards=1)
     inputs = expand_shards(str(tmp_path / "in"))
-    assert run_cli(monkeypatch, "reshard", tmp_path / "in", "--out", tmp_path / "in", "--samples-per-shard", 5) == 2
+    assert run_cli("reshard", tmp_path / "in", "--out", tmp_path / "in", "--samples-per-shard", 5) == 2
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'in'} holds the input shards")
     with pytest.raises(DataToolsError, match="--samples-per-shard must be >= 1"):
         reshard(inputs, tmp_path / "out", samples_per_shard=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataToolsError, match="empty: no \\*.tar shards"):
         expand_shards(str(tmp_path / "empty"))
-    assert run_cli(monkeypatch, "reshard", tmp_path / "in", "--out", tmp_path / "o", "--samples-per-shard", 5,
+    assert run_cli("reshard", tmp_path / "in", "--out", tmp_path / "o", "--samples-per-shard", 5,
                    "--seed", 3) == 2
     assert "--seed and --buffer need --shuffle" in capsys.readouterr().err
     reshard(inputs, tmp_path / "out", samples_per_shard=2)
@@ -204,10 +202,10 @@ def image_folder(tmp_path):
     return root, files
 
 
-def test_from_folder(image_folder, tmp_path, monkeypatch):
+def test_from_folder(image_folder, tmp_path):
     root, files = image_folder
     out = tmp_path / "shards"
-    assert run_cli(monkeypatch, "from-folder", root, "--out", out, "--samples-per-shard", 4) == 0
+    assert run_cli("from-folder", root, "--out", out, "--samples-per-shard", 4) == 0
     assert (out / "classnames.txt").read_text() == "ant\nbee\nzebra\n"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["classes"] == ["ant", "bee", "zebra"] and manifest["empty_classes"] == []
@@ -248,7 +246,7 @@ def test_from_folder(image_folder, tmp_path, monkeypatch):
         from_folder(root, root / "shards")
 
 
-def test_from_csv(tmp_path, monkeypatch):
+def test_from_csv(tmp_path):
     images = tmp_path / "data" / "images"
     images.mkdir(parents=True)
     (images / "a.jpg").write_bytes(jpeg(1))
@@ -259,7 +257,7 @@ def test_from_csv(tmp_path, monkeypatch):
         "file,species,other\nimages/a.jpg,zebra,x\nimages/b.png,ant,y\nimages/missing.jpg,ant,z\n"
         "images/c.jpg,zebra,\nimages/bad.jpg,bee,\nimages/a.jpg,,w\n")
     out = tmp_path / "out"
-    assert run_cli(monkeypatch, "from-folder", "--csv", tmp_path / "data" / "labels.csv", "--path-col", "file",
+    assert run_cli("from-folder", "--csv", tmp_path / "data" / "labels.csv", "--path-col", "file",
                    "--label-col", "species", "--out", out) == 0
     assert (out / "classnames.txt").read_text() == "ant\nbee\nzebra\n"
     manifest = json.loads((out / "manifest.json").read_text())

@@ -62,3 +62,36 @@ def test_broken_encoding_is_counted_not_fatal(tmp_path):
     urls = load(path)
     assert [r["caption"] for r in urls.table.to_pylist()] == ["fine", "été"]
     assert urls.dropped == {"bad_encoding": 1}
+
+
+def test_several_files_and_directories_are_one_list(wit, tmp_path):
+    """WIT comes as 10 .tsv.gz files: read as one list, in file order, deduplicated across files; a directory
+    stands for its list files, and files of other formats mix."""
+    import pandas as pd
+
+    second = wit.with_name("wit_v1.train.all-00001-of-00010.tsv.gz")
+    with gzip.open(second, "wt", encoding="utf-8") as f:
+        f.write(WIT_HEADER + _wit_row("en", "https://upload.example/a.jpg", ref="seen in the first file")
+                + _wit_row("en", "https://upload.example/h.jpg", ref="A green tree"))
+    pd.DataFrame({"image_url": ["https://upload.example/i.jpg"], "caption_reference_description": ["A cat"],
+                  "caption_attribution_description": [""], "caption_alt_text_description": [""],
+                  "language": ["en"]}).to_parquet(tmp_path / "extra.parquet")
+    both = load([wit, second, tmp_path / "extra.parquet"], columns=PRESETS["wit"])
+    assert [r["url"][-5:] for r in both.table.to_pylist()] == ["a.jpg", "b.jpg", "c.jpg", "e.jpg", "g.jpg",
+                                                                "h.jpg", "i.jpg"]
+    assert both.rows == 11 and both.dropped["duplicate_url"] == 2
+    assert both.table.num_rows + sum(both.dropped.values()) == both.rows
+    folder = load(tmp_path, columns=PRESETS["wit"])  # sorted: extra.parquet, then the two WIT files
+    assert folder.rows == 11 and [r["url"][-5:] for r in folder.table.to_pylist()][0] == "i.jpg"
+    with pytest.raises(DataToolsError, match="nowhere.tsv: no such file"):
+        load([wit, tmp_path / "nowhere.tsv"], columns=PRESETS["wit"])
+
+
+def test_malformed_csv_lines_and_blank_padded_urls(tmp_path):
+    path = tmp_path / "urls.csv"
+    path.write_text('url,caption\nhttp://a/1.jpg,one\nhttp://a/2.jpg,two,extra field\n"http://a/3.jpg","three\n'
+                    'lines"\nhttp://a/4.jpg\n  http://a/5.jpg ,five\n')
+    urls = load(path)
+    assert [(r["url"], r["caption"]) for r in urls.table.to_pylist()] == [
+        ("http://a/1.jpg", "one"), ("http://a/3.jpg", "three\nlines"), ("http://a/5.jpg", "five")]
+    assert urls.dropped == {"malformed_row": 2} and urls.rows == 5
