@@ -79,6 +79,8 @@ def query(ids: list[str]) -> dict[str, JobInfo]:
         job_id, state, elapsed, nodes, reason = (line.split("|") + [""] * 5)[:5]
         if job_id in info:
             j = info[job_id]
+            if state == "COMPLETING" and j.state not in ACTIVE | {"UNKNOWN"}:
+                continue  # ended (sacct says how: CANCELLED, FAILED...); squeue lists it while its processes exit
             j.state, j.elapsed, j.nodes, j.reason = state, elapsed, nodes, reason
     return info
 

@@ -343,3 +343,17 @@ def test_target_presets_and_limits_reach_img2dataset(flags, size, mode):
     assert settings["disallowed_header_directives"] is None  # img2dataset's own list: noai, noindex, ...
     ignore = build_parser("download").parse_args(["download", "u.csv", "--out", "o", "--ignore-robots-headers"])
     assert options_from(ignore).img2dataset()["disallowed_header_directives"] == []
+
+
+def test_progress_bar_counts_finished_shards(tmp_path, capsys):
+    """The bar follows the `{shard}_stats.json` files img2dataset writes as each shard ends."""
+    import time
+
+    from data_tools.download import Progress
+
+    with Progress(tmp_path, shards=4, interval_s=0.05):
+        for shard, successes in enumerate((10, 7)):
+            (tmp_path / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": successes}))
+        time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "download:" in err and "2/4" in err and "samples=17" in err, err[-500:]
