@@ -107,7 +107,7 @@ def read_columns(path: Path, fmt: str, columns: list[str]) -> tuple[pa.Table, in
             names = pq.read_schema(path).names
         elif fmt.startswith(("csv", "tsv")):
             parse = pa_csv.ParseOptions(delimiter="\t" if fmt.startswith("tsv") else ",", newlines_in_values=True,
-                                        invalid_row_handler=lambda row: malformed.append(row) or "skip")
+                                        invalid_row_handler=lambda _: malformed.append(1) or "skip")
             names = pa_csv.open_csv(path, parse_options=parse).schema.names  # reads the first block only
         elif fmt.startswith("jsonl"):
             table = pa_json.read_json(path)
@@ -158,7 +158,7 @@ def url_problems(urls: pa.ChunkedArray) -> pa.Array:
     """Per row: null for a usable http(s) URL (surrounding blanks ignored), else empty_url / unsupported_scheme /
     invalid_url."""
     urls = pc.utf8_trim_whitespace(urls.cast(pa.string()))
-    empty = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(urls)), 0), True)
+    empty = pc.fill_null(pc.equal(pc.utf8_length(urls), 0), True)
     http = pc.fill_null(pc.match_substring_regex(urls, r"^https?://", ignore_case=True), False)
     ok = pc.fill_null(pc.match_substring_regex(urls, r"^https?://[^/?#\s]", ignore_case=True), False)
     return pc.if_else(ok, pa.scalar(None, pa.string()), pc.if_else(
