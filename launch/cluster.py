@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -62,6 +65,11 @@ class Cluster:
         environment); the arguments, given on the command line, win over the profile's defaults."""
         s = self.slurm
         params: dict[str, Any] = dict(time=parse_time(time or s.time), cpus_per_task=s.cpus_per_task)
+        limit = partition_max_minutes(partition or s.partition)
+        if limit and params["time"] > limit:  # sbatch would refuse it, or leave it pending for ever
+            print(f"note: --time {params['time']} min is over the partition's MaxTime of {limit} min: jobs of "
+                  f"{limit} min, a training run chains them by requeue", file=sys.stderr)
+            params["time"] = limit
         if self.env:
             params["setup"] = [f"export {k}={shlex.quote(str(v))}" for k, v in self.env.items()]
         if s.mem_gb is not None:  # per node; --mem=0 is all of it
@@ -130,6 +138,23 @@ def _check(c: Cluster, path: Path) -> None:
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def partition_max_minutes(partition: Optional[str]) -> Optional[int]:
+    """MaxTime of `partition` (None: the cluster's default one) in minutes, as sinfo reports it; None when it is
+    unlimited, or where there is no sinfo to ask (a laptop's --dry-run)."""
+    if not shutil.which("sinfo"):
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%l", *(["-p", partition] if partition else [])],
+                             capture_output=True, text=True, timeout=30).stdout
+    except subprocess.TimeoutExpired:
+        return None
+    for line in out.split():
+        name, _, limit = line.partition("|")
+        if name.rstrip("*") == partition or (partition is None and name.endswith("*")):
+            return None if limit.lower() in ("infinite", "unlimited", "n/a") else parse_time(limit)
+    return None
 
 
 def parse_time(text: str) -> int:

@@ -321,3 +321,15 @@ def test_array_zeroshot_one_task_per_dataset(jobs, corpus, tmp_path):
     r = run(corpus / "val", small, broken)
     assert r.returncode == 0 and "(1 tasks: 1 of 3 datasets)" in r.stdout, r.stdout + r.stderr
     assert json.loads((out / "zeroshot.json").read_text())["datasets"] == 3
+
+
+def test_time_over_the_partition_limit_is_cut_to_it(slurm_cluster, corpus):
+    """The test cluster's `short` partition has MaxTime=30: a 72 h request becomes 30 min jobs (which chain by
+    requeue) instead of a job sbatch refuses or leaves pending; the unlimited default partition keeps 72 h."""
+    args = ("slurm", "configs/clip/tiny_cpu.yaml", "--cluster", "cpu", "--time", "72:00:00", "--dry-run",
+            f"data.train={corpus}/00000.tar")
+    short = launch(*args, "--partition", "short")
+    assert "#SBATCH --time=30\n" in short.stdout and "#SBATCH --partition=short" in short.stdout
+    assert "over the partition's MaxTime of 30 min" in short.stderr
+    default = launch(*args)
+    assert "#SBATCH --time=4320\n" in default.stdout and "MaxTime" not in default.stderr

@@ -174,6 +174,7 @@ SlurmdTimeout=300
 SlurmdParameters=config_overrides
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=ALL MaxTime=30 State=UP
 EOF
 : > "$DIR/etc/plugstack.conf"  # no SPANK plugins (Debian's /etc/slurm one would be read otherwise)
 export SLURM_CONF=$DIR/etc/slurm.conf
@@ -184,7 +185,7 @@ wait_for slurmdbd bash -c "exec 3<>/dev/tcp/127.0.0.1/$DBD_PORT"
 slurmctld
 wait_for slurmctld scontrol ping
 slurmd
-node_idle() { [ "$(sinfo -h -N -n "$HOST" -o %t)" = idle ]; }
+node_idle() { [ "$(sinfo -h -N -n "$HOST" -p debug -o %t)" = idle ]; }
 wait_for "node $HOST idle" node_idle
 wait_for "accounting (sacct)" sacct -n -X -S now
 log "up: SLURM_CONF=$SLURM_CONF, node $HOST with $CPUS CPUs, partition debug"
