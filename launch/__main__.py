@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(runs.logs(args.run, rank=args.rank, job=args.job, lines=args.lines))
         return 0
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(e.lines(), file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,28 @@ def errors(run_dir: Path, job_id: str) -> list[tuple[int, str]]:
     return found
 
 
+def layout(run_dir: Path, job_id: str) -> tuple[int, int] | None:
+    """(nodes, ranks per node) a job asked for, from the sbatch script submitit wrote for it."""
+    script = JobPaths(_folder(run_dir), job_id=job_id).submission_file
+    if not script.is_file():
+        return None
+    found = dict(re.findall(r"^#SBATCH --(nodes|ntasks-per-node)=(\d+)$", script.read_text(), re.M))
+    return (int(found["nodes"]), int(found["ntasks-per-node"])) if len(found) == 2 else None
+
+
+_SRUN_TASK = re.compile(r"^srun: error: \S+: tasks? ([\d,\-]+): (.+)$", re.M)
+
+
+def srun_errors(run_dir: Path, job_id: str) -> list[tuple[str, str]]:
+    """(ranks, what) for tasks srun saw die abnormally ("Killed", "Exited with exit code 1"): a rank killed by a
+    signal leaves no result file, only srun's line in the batch log (rank 0's .err)."""
+    log = JobPaths(_folder(run_dir), job_id=job_id, task_id=0).stderr
+    if not log.is_file():
+        return []
+    return [(ranks, what.strip()) for ranks, what in _SRUN_TASK.findall(log.read_text(errors="replace"))
+            if "Exited with exit code" not in what]
+
+
 def progress(run_dir: Path) -> str:
     steps = "?"
     if (run_dir / "config.yaml").is_file():
@@ -115,7 +138,9 @@ def progress(run_dir: Path) -> str:
     state = run_dir / "checkpoints" / tag / "state.json"
     if not state.is_file():
         return f"checkpoints/latest points at {tag}, which holds no state.json (train.steps {steps})"
-    return f"checkpoint step {json.loads(state.read_text())['step']} of {steps} (checkpoints/{tag})"
+    saved = json.loads(state.read_text())
+    return (f"checkpoint step {saved['step']} of {steps} (checkpoints/{tag}, saved by {saved.get('world_size', '?')} "
+            f"ranks)")
 
 
 def status(run: str) -> str:
@@ -124,8 +149,14 @@ def status(run: str) -> str:
     lines = [f"run {run_dir}: {progress(run_dir)}"]
     if not ids:
         return "\n".join(lines + ["no SLURM jobs (launch slurm writes them under slurm/)"])
+    before = None
     for job_id, j in query(ids).items():
         head = f"job {job_id}  {j.state}"
+        if (shape := layout(run_dir, job_id)) is not None:
+            head += f"  {shape[0]} node(s) x {shape[1]} rank(s)"
+            if before is not None and shape != before:
+                head += f" (was {before[0]} x {before[1]}: resumed on {shape[0] * shape[1]} ranks)"
+            before = shape
         head += f"  elapsed {j.elapsed}" if j.elapsed else ""
         head += f"  requeued {j.requeues}x" if j.requeues else ""
         head += f"  exit {j.exit_code}" if j.exit_code and j.exit_code != "0:0" else ""
@@ -136,6 +167,8 @@ def status(run: str) -> str:
         by_message: dict[str, list[str]] = {}
         for rank, message in errs:
             by_message.setdefault(message, []).append(str(rank))
+        for ranks, what in srun_errors(run_dir, job_id):
+            lines.append(f"  rank {ranks}: {what} (srun)")
         for message, ranks in by_message.items():
             lines.append(f"  error (rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}): {message}")
         rank = errs[0][0] if errs else 0

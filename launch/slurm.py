@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import submitit
 from submitit.core.job_environment import JobEnvironment
-from submitit.core.utils import FailedJobError, JobPaths
+from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError
 
 from launch import cluster as clusters
 from launch import runs
@@ -131,7 +131,7 @@ def submit(sub: Submission) -> submitit.SlurmJob:
             f"{run_dir} already has job {active[0].job_id} {active[0].state}: two jobs would write the same "
             f"checkpoints (python -m launch cancel {run_dir})")
     with sbatch_errors():
-        return _executor(sub).submit(TrainJob(config.to_dict(sub.cfg)))
+        return _executor(sub).submit(TrainJob(config.to_dict(sub.cfg), sub.cluster.slurm.max_requeues))
 
 
 @contextlib.contextmanager
@@ -160,11 +160,11 @@ class TrainJob(submitit.helpers.Checkpointable):
     config as plain data (the YAML files may change while the job waits in the queue), and imports the trainer
     inside __call__."""
 
-    def __init__(self, cfg: dict[str, Any]):
-        self.cfg = cfg
+    def __init__(self, cfg: dict[str, Any], max_requeues: int = 0):
+        self.cfg, self.max_requeues = cfg, max_requeues
 
     def __call__(self) -> dict[str, Any]:
-        from pipeline import distributed, train
+        from pipeline import distributed, faults, train
 
         # sbatch exports the submitting shell's environment: a RANK or MASTER_PORT found there describes that
         # process (say, a notebook holding a process group), not this job, whose ranks come from SLURM.
@@ -179,17 +179,25 @@ class TrainJob(submitit.helpers.Checkpointable):
         signals = _SaveOnSignals(train.request_stop)
         try:
             result = train.train(cfg, device)
-        except Exception:
-            if not signals.received:
-                raise
-            # Once SLURM signals, a failure is most likely the termination itself (a step slower than KillWait
-            # ends in SIGKILL of some process): keep it in the log, not as the result.
-            log.warning("failed after %s, as the job was ending", signals.names(), exc_info=True)
-            raise SystemExit(0) from None
+        except Exception as e:
+            if signals.received:
+                # Once SLURM signals, a failure is most likely the termination itself (a step slower than KillWait
+                # ends in SIGKILL of some process): keep it in the log, not as the result.
+                log.warning("failed after %s, as the job was ending: %s", signals.names(), faults.one_line(e))
+                raise SystemExit(0) from None
+            if faults.report(e, distributed.from_env().rank, log_traceback=False):
+                raise  # the job's first failure: submitit logs its traceback and keeps it for `launch status`
+            raise SystemExit(1) from None  # a consequence of another rank's failure, named by the line above
         if not result["stopped"]:
             return result
         # Rank 0 requeues and exits here after USR2; its errors (scontrol failing, too many time-outs) are the job's.
-        signals.requeue(result["step"])
+        try:
+            signals.requeue(result["step"])
+        except UncompletedJobError as e:
+            message = (f"not requeued: slurm.max_requeues={self.max_requeues} time-outs used up ({e}); the checkpoint "
+                       f"of step {result['step']} is saved: submit the run again (launch slurm, same run.dir) to go on")
+            log.error(message)
+            raise RuntimeError(message) from None
         # No result file: the job is not over; SLURM's requeue (or cancel) decides what comes next. Exit status 0
         # so that srun's --kill-on-bad-exit does not kill rank 0 before it has requeued the job.
         raise SystemExit(0)
@@ -197,7 +205,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """submitit calls this (on rank 0) to requeue. The trainer has saved its state in the run dir, which is all
         a restart needs: the requeued job is this one again and resumes from `checkpoints/latest`."""
-        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.cfg, self.max_requeues))
 
 
 class _SaveOnSignals:

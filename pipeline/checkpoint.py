@@ -6,6 +6,13 @@ position), CKPT/latest (text: the tag). Every rank writes its
 shards into CKPT/.tmp-step_000100/; after a barrier rank 0 adds state.json, renames the directory into place and
 only then replaces `latest` (write + fsync + rename). `latest` has DeepSpeed's format, so
 `engine.load_checkpoint(CKPT)` and DeepSpeed's zero_to_fp32 tooling read our directories as they are.
+
+Resuming on another cluster: ZeRO-1/2/3 shards belong to the number of ranks that wrote them. A run resumed on
+another number of ranks (or another ZeRO stage from 1 to 3) first converts the checkpoint into DeepSpeed's
+universal format (`deepspeed.checkpoint.ds_to_universal`, into CKPT/step_N/universal/, once, by rank 0) and loads
+that (`checkpoint.load_universal`); ZeRO-0 checkpoints hold whole states and load on any number of ranks. The
+ranks' own files (RNG states, data positions) then no longer map one to one: the RNGs are seeded afresh, and the
+data positions of all old ranks are re-laid onto the new streams (pipeline/data.py `relayout`).
 """
 from __future__ import annotations
 
@@ -14,12 +21,18 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from pipeline import faults
 
 TAG = "step_{:06d}"
 STATE = "state.json"
@@ -107,8 +120,7 @@ def save(engine, root: Path, step: int, state: dict[str, Any], rank_state: dict[
     engine.model.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
     torch.save({**rank_state, "rng": rng_state()}, rank_file(root / tmp_tag, dist.get_rank()))
     _barrier()
-    if os.environ.get("PIPELINE_FAULT") == f"kill_during_save@{step}":  # fault injection: tests prove atomicity
-        os.kill(os.getpid(), 9)
+    faults.inject("save", step, dist.get_rank())  # tests: a kill here proves the save atomic
     final = root / tag
     if dist.get_rank() == 0:
         atomic_write_text(root / tmp_tag / STATE, json.dumps(state, indent=1))
@@ -130,20 +142,83 @@ def _prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, root: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """Restore model, optimizer, scheduler, loss scaler and this rank's RNG states from `latest`.
-    Returns (state.json, this rank's file without its RNG states), or None when there is no checkpoint."""
+@dataclass
+class Resume:
+    """The checkpoint a run resumes from, and how it loads on this run's ranks."""
+
+    path: Path  # the checkpoint directory `latest` names
+    state: dict[str, Any]  # its state.json
+    same_ranks: bool  # saved by as many ranks as now: each rank's file is its own
+    universal: bool  # ZeRO shards of another layout: loaded through DeepSpeed's universal format
+
+    @property
+    def world_size(self) -> int:
+        return self.state.get("world_size", 1)
+
+
+def find(root: Path, world_size: int, zero_stage: int) -> Resume | None:
+    """What `latest` holds, checked against this run's ranks and ZeRO stage; None when there is no checkpoint."""
+    from pipeline.config import ConfigError
+
     path = latest(Path(root))
     if path is None:
         return None
-    engine.model.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                 load_lr_scheduler_states=True)
     state = read_state(path)
-    rank_state: dict[str, Any] = {}
-    if state.get("world_size") == dist.get_world_size():  # else ranks differ: weights resume, streams restart
-        rank_state = torch.load(rank_file(path, dist.get_rank()), weights_only=True)
-        set_rng_state(rank_state.pop("rng"))
-    return state, rank_state
+    saved_stage, saved_world = state.get("zero_stage", 0), state.get("world_size", 1)
+    if (saved_stage == 0) != (zero_stage == 0):
+        raise ConfigError(f"zero.stage={zero_stage}, but {path} was saved at ZeRO-{saved_stage}: a checkpoint without "
+                          "ZeRO (stage 0) resumes only at stage 0, and a ZeRO one only at stages 1-3")
+    return Resume(path, state, same_ranks=saved_world == world_size,
+                  universal=zero_stage > 0 and (saved_world != world_size or saved_stage != zero_stage))
+
+
+def to_universal(resume: Resume, rank: int, workers: int = 1) -> Path:
+    """DeepSpeed's universal checkpoint of `resume`, made once by rank 0 (into a temporary name, then renamed),
+    while the other ranks wait for it by polling: no collective, whose timeout a conversion of billions of
+    parameters could outlast (a failure of rank 0 ends them through pipeline/faults.py)."""
+    out = resume.path / "universal"
+    if rank == 0 and not out.is_dir():
+        tmp = resume.path / ".tmp-universal"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(resume.path),
+               "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers",
+               str(max(1, workers // 2)), "--inject_missing_state"]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if r.returncode:
+            lines = (r.stderr.strip() or r.stdout.strip() or "no output").splitlines()
+            raise RuntimeError(f"ds_to_universal failed on {resume.path} (exit {r.returncode}): {lines[-1]}")
+        (resume.path / "latest_universal").unlink(missing_ok=True)  # its pointer names the temporary folder
+        os.rename(tmp, out)
+        _fsync_dir(resume.path)
+    while not out.is_dir():
+        time.sleep(1)
+    return out
+
+
+def load(engine, resume: Resume, rank: int) -> dict[str, Any] | None:
+    """Restore model, optimizer, scheduler and loss scaler; with the same ranks, this rank's RNG states too.
+    Returns this rank's file without its RNG states, or None when the checkpoint was saved by other ranks."""
+    if resume.universal:  # the engine was built with checkpoint.load_universal
+        engine.model.load_checkpoint(str(resume.path), tag="universal", load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    else:
+        engine.model.load_checkpoint(str(resume.path.parent), tag=resume.path.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if not resume.same_ranks:
+        return None
+    rank_state = torch.load(rank_file(resume.path, rank), weights_only=True)
+    set_rng_state(rank_state.pop("rng"))
+    return rank_state
+
+
+def every_rank_state(resume: Resume, key: str) -> list[Any]:
+    """`key` of every saved rank's file, in rank order: read by rank 0 and broadcast (one reader, not N x N)."""
+    states = None
+    if dist.get_rank() == 0:
+        states = [torch.load(rank_file(resume.path, r), weights_only=True)[key] for r in range(resume.world_size)]
+    box = [states]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -19,7 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
-    """A configuration the pipeline refuses to run: the message is one line naming the key or file."""
+    """A configuration the pipeline refuses to run: the message is one line naming the key or file (one line per
+    problem when several are found at once)."""
+
+    def lines(self) -> str:
+        return "\n".join(f"error: {line}" for line in str(self).splitlines())
 
 
 @dataclass
@@ -82,7 +86,9 @@ class ZeroConfig:
 
 @dataclass
 class EvalConfig:
-    zeroshot: Optional[str] = None  # local labelled dataset, evaluated every `every` steps and at the end
+    # local labelled dataset, evaluated every `every` steps and at the end; `path` metadata: checked at start
+    # (pipeline/preflight.py), by rank 0, which evaluates
+    zeroshot: Optional[str] = field(default=None, metadata={"path": "imagefolder", "read_by": "main"})
     every: int = 0
     batch_size: int = 64
 
@@ -205,6 +211,11 @@ def validate(cfg: Config, world_size: Optional[int] = None, device: Optional[str
         if not cfg.data.resampled and len(srcs) > 1:
             raise ConfigError("data.resampled=false with weighted sources: weights are shard-draw probabilities, "
                               "drawn with replacement; use data.resampled=true")
+        streams = (world_size or 1) * max(1, cfg.data.num_workers)
+        if not cfg.data.resampled and len(srcs[0].urls) < streams:
+            raise ConfigError(f"data.resampled=false: {len(srcs[0].urls)} shards for {world_size or 1} rank(s) x "
+                              f"{max(1, cfg.data.num_workers)} loader workers; every stream needs a shard of its own "
+                              "(fewer data.num_workers, or data.resampled=true)")
     if device == "cpu" and t.precision != "fp32":
         raise ConfigError(
             f"train.precision={t.precision} needs a GPU; this run is on CPU (use train.precision=fp32)")

@@ -17,7 +17,8 @@ def grad_accumulation(cfg: Config, world_size: int) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
 
 
-def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def ds_config(cfg: Config, world_size: int, universal: bool = False) -> dict[str, Any]:
+    """`universal`: the checkpoint this engine resumes from is in DeepSpeed's universal format (another layout)."""
     t, z = cfg.train, cfg.zero
     zero: dict[str, Any] = {"stage": z.stage}
     if z.offload_optimizer:
@@ -38,6 +39,7 @@ def ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,  # we log ourselves
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": universal},
     }
 
 
@@ -70,7 +72,8 @@ class NonFiniteError(RuntimeError):
 class Engine:
     """A DeepSpeed engine built from our config; the trainer calls forward through `model`, then backward/step."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, param_groups: list[dict], device: str, world_size: int):
+    def __init__(self, cfg: Config, model: torch.nn.Module, param_groups: list[dict], device: str, world_size: int,
+                 universal: bool = False):
         self.cfg, self.device = cfg, torch.device(device)
         # DeepSpeed skips a step whose gradients are not finite under ZeRO >= 1 and with fp16 loss scaling;
         # plain ZeRO-0 in fp32/bf16 would apply it, so there the trainer stops at the first non-finite loss.
@@ -86,7 +89,7 @@ class Engine:
         else:
             optimizer = torch.optim.AdamW(param_groups, fused=device == "cuda", **kwargs)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(cfg, world_size),
+            model=model, optimizer=optimizer, config=ds_config(cfg, world_size, universal),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
 
     @property

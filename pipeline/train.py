@@ -6,17 +6,21 @@ maybe checkpoint / eval) -> final checkpoint. Each piece lives in its own module
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import random
 import signal
 import sys
 import threading
 import time
 
+import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, config, data, distributed
+from pipeline import checkpoint, config, data, distributed, faults, preflight
 from pipeline.engine import Engine, model_init
 from pipeline.metrics import Metrics
 from pipeline.tasks import get_task
@@ -41,58 +45,114 @@ def _all_agree(flag: bool, device: str) -> bool:
 
 def train(cfg: config.Config, device: str) -> dict:
     info = distributed.init(device)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    faults.start(info.rank, info.world_size, info.master_addr, info.master_port)
+    preflight.check(cfg, info.rank, info.world_size)  # every path this rank will read, before any work
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    resume = checkpoint.find(ckpt_dir, info.world_size, cfg.zero.stage)
+    _seed(cfg.train.seed, info.rank, salt=resume.state["step"] if resume and not resume.same_ranks else 0)
     task = get_task(cfg.task)(cfg)
     with model_init(cfg, info.world_size, task.zero_init):
         model = task.build_model()
-    engine = Engine(cfg, model, task.param_groups(model), device, info.world_size)
-    state, rank_state = checkpoint.load(engine, ckpt_dir) or ({"step": 0, "samples": 0}, {})
-    step, samples = state["step"], state["samples"]
+    if resume and resume.universal:
+        checkpoint.to_universal(resume, info.rank, workers=max(1, (os.cpu_count() or 1) // info.local_world_size))
+    engine = Engine(cfg, model, task.param_groups(model), device, info.world_size,
+                    universal=bool(resume and resume.universal))
+    step, samples, data_state = 0, 0, None
+    if resume:
+        step, samples = resume.state["step"], resume.state["samples"]
+        data_state = _data_position(resume, checkpoint.load(engine, resume, info.rank), cfg, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
-        log.info("%s from step %d: %s, %d ranks on %s, ZeRO-%d, %s, grad accumulation %d",
+        log.info("%s from step %d: %s, %d ranks on %s, ZeRO-%d, %s, grad accumulation %d%s",
                  "resuming" if step else "starting", step, cfg.model.name, info.world_size, device,
-                 cfg.zero.stage, cfg.train.precision, engine.accumulation)
-    stream = data.TrainStream(cfg.data.train, task.transform(train=True), cfg.train.micro_batch_size,
-                              rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
-                              seed=cfg.data.seed, open_shards=cfg.data.open_shards, resampled=cfg.data.resampled,
-                              decode_size=task.decode_size(), state=rank_state.get("data"))
-    metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(), cfg.train.peak_tflops * 1e12)
-    last: dict[str, float] = {}
-    while step < cfg.train.steps:
-        lr = engine.lr
-        loss, logs = _optimizer_step(task, engine, stream, metrics)
-        step += 1
-        samples += cfg.train.global_batch_size
-        metrics.add_samples(cfg.train.global_batch_size)
-        engine.check_divergence(step, loss)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            # summed over ranks: the mean loss, and the samples every rank's loader skipped
-            totals = torch.stack([loss.float(), torch.tensor(float(stream.skipped), device=loss.device)])
-            dist.all_reduce(totals)
-            last = metrics.log_window(step, {
-                "train/loss": totals[0].item() / info.world_size, "train/lr": lr, "train/grad_norm": engine.grad_norm,
-                "train/skipped_steps": engine.skipped_steps, "data/skipped": int(totals[1].item()),
-                **{f"train/{k}": v for k, v in logs.items()}, **_memory(device, info.world_size)})
-        stop = _all_agree(STOP.is_set(), device)
-        if stop or step % cfg.train.save_every == 0 or step == cfg.train.steps:
-            checkpoint.save(engine, ckpt_dir, step, {
-                "step": step, "samples": samples, "world_size": info.world_size, "zero_stage": cfg.zero.stage,
-                "model": cfg.model.name, "config": config.to_dict(cfg)}, {"data": stream.state_dict()},
-                cfg.train.keep_last)
-        if cfg.eval.zeroshot and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0):
-            last.update(_zeroshot(cfg, task, engine, step, metrics, info, device))
-        if stop:
-            if info.is_main:
-                log.info("stop requested: saved step %d, leaving the loop", step)
-            break
-    metrics.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "global_batch_size": cfg.train.global_batch_size,
-                     "zero_stage": cfg.zero.stage, "precision": cfg.train.precision, "world_size": info.world_size},
-                    {f"hparam/{k.split('/')[1]}": v for k, v in last.items() if k in ("train/loss", "eval/zeroshot_top1")})
-    metrics.close()
+                 cfg.zero.stage, cfg.train.precision, engine.accumulation,
+                 f" (saved by {resume.world_size} ranks)" if resume and not resume.same_ranks else "")
+    with contextlib.ExitStack() as cleanup:  # loader workers and event files closed on every way out
+        stream = data.TrainStream(cfg.data.train, task.transform(train=True), cfg.train.micro_batch_size,
+                                  rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                                  seed=cfg.data.seed, open_shards=cfg.data.open_shards, resampled=cfg.data.resampled,
+                                  decode_size=task.decode_size(), state=data_state)
+        cleanup.callback(stream.close)
+        metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(), cfg.train.peak_tflops * 1e12)
+        cleanup.callback(metrics.close)
+        last: dict[str, float] = {}
+        while step < cfg.train.steps:
+            lr = engine.lr
+            loss, logs = _optimizer_step(task, engine, stream, metrics)
+            step += 1
+            samples += cfg.train.global_batch_size
+            faults.at_step(step)
+            faults.inject("step", step, info.rank)
+            metrics.add_samples(cfg.train.global_batch_size)
+            engine.check_divergence(step, loss)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                last = metrics.log_window(step, {
+                    "train/loss": _mean_over_ranks(loss), "train/lr": lr, "train/grad_norm": engine.grad_norm,
+                    "train/skipped_steps": engine.skipped_steps, **_data_health(stream, info.is_main, device),
+                    **{f"train/{k}": v for k, v in logs.items()}, **_memory(device, info.world_size)})
+            stop = _all_agree(STOP.is_set(), device)
+            if stop or step % cfg.train.save_every == 0 or step == cfg.train.steps:
+                checkpoint.save(engine, ckpt_dir, step, {
+                    "step": step, "samples": samples, "world_size": info.world_size, "zero_stage": cfg.zero.stage,
+                    "model": cfg.model.name, "config": config.to_dict(cfg)}, {"data": stream.state_dict()},
+                    cfg.train.keep_last)
+            if cfg.eval.zeroshot and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0):
+                last.update(_zeroshot(cfg, task, engine, step, metrics, info, device))
+            if stop:
+                if info.is_main:
+                    log.info("stop requested: saved step %d, leaving the loop", step)
+                break
+        metrics.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "global_batch_size": cfg.train.global_batch_size,
+                         "zero_stage": cfg.zero.stage, "precision": cfg.train.precision,
+                         "world_size": info.world_size},
+                        {f"hparam/{k.split('/')[1]}": v for k, v in last.items()
+                         if k in ("train/loss", "eval/zeroshot_top1")})
+    faults.disarm()  # from here ranks end one by one, the store's host among them: that is no failure
+    dist.barrier()
     return {**last, "step": step, "stopped": step < cfg.train.steps}
+
+
+def _seed(seed: int, rank: int, salt: int = 0) -> None:
+    """torch: the same on every rank (identical initial weights); python and numpy (timm's mixup, anything else
+    drawing from them): one stream per rank. `salt` (the step of a resume on other ranks) keeps a resumed run from
+    replaying the draws of its start. A resume on the same ranks restores all three from the checkpoint."""
+    torch.manual_seed(seed + salt)
+    random.seed(seed * 1_000_003 + rank + salt * 7_919)
+    np.random.seed(np.random.SeedSequence([seed, rank, salt]).generate_state(1)[0])
+
+
+def _data_position(resume: checkpoint.Resume, rank_state: dict | None, cfg: config.Config, info) -> dict | None:
+    """This rank's data-stream state: its own saved one, or, when the ranks or loader workers changed, its share
+    of all the old streams' positions (collective: every rank decides alike, from the config and the checkpoint)."""
+    if rank_state is not None and rank_state["data"]["num_workers"] == cfg.data.num_workers:
+        return rank_state["data"]
+    return data.relayout(checkpoint.every_rank_state(resume, "data"), cfg.data.train, rank=info.rank,
+                         world_size=info.world_size, num_workers=cfg.data.num_workers, seed=cfg.data.seed,
+                         resampled=cfg.data.resampled, salt=resume.state["step"])
+
+
+def _mean_over_ranks(x: torch.Tensor) -> float:
+    total = x.detach().float().clone()
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+def _data_health(stream: data.TrainStream, is_main: bool, device: str) -> dict[str, float]:
+    """Collective: samples skipped on all ranks, and damaged or empty shards logged by rank 0, once per run."""
+    skipped = torch.tensor(float(stream.skipped), device=device)
+    dist.all_reduce(skipped)
+    reports = [None] * dist.get_world_size() if is_main else None
+    dist.gather_object(stream.take_reports(), reports, dst=0)
+    for found in reports or []:
+        for url, message in found.items():
+            if url not in _REPORTED:
+                _REPORTED.add(url)
+                log.warning("%s", message)
+    return {"data/skipped": int(skipped.item())}
+
+
+_REPORTED: set[str] = set()
 
 
 def _optimizer_step(task, engine, stream, metrics) -> tuple[torch.Tensor, dict[str, float]]:
@@ -137,6 +197,7 @@ def _zeroshot(cfg, task, engine, step, metrics, info, device) -> dict[str, float
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero.stage == 3):
         if info.is_main:
+            faults.inject("eval", step, info.rank)
             engine.model.eval()
             r = evaluate(engine.module, task.tokenizer, cfg.eval.zeroshot, task.image_transform(train=False),
                          batch_size=cfg.eval.batch_size, device=device, dtype=engine.dtype)
@@ -179,13 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data.train:
             raise config.ConfigError("data.train is empty: give shards, e.g. data.train=shards/{00000..00009}.tar")
     except config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(e.lines(), file=sys.stderr)
         return 2
     # A hand-written sbatch + torchrun job: the time-limit warning (--signal=USR1@120 or USR2), scancel and
     # pre-emption (SIGTERM, then SIGKILL after KillWait) save at the next step boundary, then exit for the requeue.
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    train(cfg, device)
+    try:
+        train(cfg, device)
+    except Exception as e:  # logged once for the job (pipeline/faults.py); every rank exits non-zero
+        faults.report(e, distributed.from_env().rank)
+        return faults.exit_status(e)
     return 0
 
 

@@ -117,3 +117,22 @@ def test_export_loads_in_open_clip(run_a, tmp_path):
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(theirs.encode_image(image), ours.encode_image(image))
+
+
+def test_a_damaged_shard_is_reported_once_per_run(tmp_path, corpus):
+    """Every stream meets the damaged shard again and again (resampled); the log names it once, from rank 0."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(4):
+        shutil.copy(corpus / f"{s:05d}.tar", shards)
+    data = (shards / "00002.tar").read_bytes()
+    (shards / "00002.tar").write_bytes(data[:len(data) // 3])
+    r = subprocess.run([sys.executable, "-m", "launch", "local", "configs/clip/tiny_cpu.yaml", "--nproc", "2",
+                        f"data.train={shards}/{{00000..00003}}.tar", f"run.dir={tmp_path}/run", "train.steps=12",
+                        "train.global_batch_size=64", "train.micro_batch_size=32", "train.log_every=4",
+                        "data.num_workers=2", "data.open_shards=2", "eval.zeroshot=null"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if "00002.tar is damaged" in ln]
+    assert len(lines) == 1 and "samples readable" in lines[0], r.stderr[-3000:]
+    assert scalars(tmp_path / "run")["data/skipped"][12] >= 2  # each opening of it counted, on every rank

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a picture of a {c}.", "an image of a {c}.")
 TEMPLATE_FILES = ("zeroshot_classification_templates.txt", "templates.txt")
@@ -28,18 +29,36 @@ def _lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def load(root: str | Path, transform: Callable) -> LabelledDataset:
+def check(root: str | Path) -> list[str]:
+    """What `load` would refuse, found without listing every image (a run checks its evaluation set at start):
+    a directory of class folders, each holding at least one image, and a classnames.txt of as many lines.
+    Returns the class folders; the errors say what is wrong, without the path."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset directory not found")
+        raise FileNotFoundError("dataset directory not found")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError("not an ImageFolder tree (no class folders)")
+    for c in classes:
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / c).iterdir() if f.is_file()):
+            raise ValueError(f"not an ImageFolder tree (class folder {c} holds no image)")
+    names_file = root / "classnames.txt"
+    if names_file.is_file() and len(_lines(names_file)) != len(classes):
+        raise ValueError(f"classnames.txt has {len(_lines(names_file))} names for {len(classes)} class folders")
+    return classes
+
+
+def load(root: str | Path, transform: Callable) -> LabelledDataset:
+    root = Path(root)
     try:
+        check(root)
         dataset = ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"{root}: not an ImageFolder tree ({e})") from None
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{root}: {e}") from None
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{root}: {e}") from None
     names_file = root / "classnames.txt"
     classnames = _lines(names_file) if names_file.is_file() else [c.replace("_", " ") for c in dataset.classes]
-    if len(classnames) != len(dataset.classes):
-        raise ValueError(f"{names_file}: {len(classnames)} names for {len(dataset.classes)} class folders")
     template_file = next((root / f for f in TEMPLATE_FILES if (root / f).is_file()), None)
     templates = _lines(template_file) if template_file else list(DEFAULT_TEMPLATES)
     return LabelledDataset(root.name, dataset, classnames, templates)

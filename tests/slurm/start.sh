@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster for the tests: munged, MariaDB, slurmdbd, slurmctld, slurmd (Debian's packages).
+# A real SLURM cluster for the tests, two nodes on this machine: munged, MariaDB, slurmdbd, slurmctld, 2 x slurmd (Debian's packages).
 #
 #   tests/slurm/start.sh DIR     # installs slurm-wlm, munge, slurmdbd, mariadb-server if missing (root + apt),
 #                                # writes a private config under DIR, starts the daemons, waits for an idle node,
@@ -15,6 +15,10 @@
 #     waits forever on a cancelled job; `launch status` reads sacct too.
 #   - cred_expire=10, sched_interval=1, bf_interval=1: a requeued job restarts ~13 s after its requeue instead of
 #     the default ~120 s (it waits for its old credential to expire), and submissions start within a second.
+#   - two nodes on this one machine (SLURM_TEST_NODES=2, the default): one slurmd each (`slurmd -N NAME`, its own
+#     port, spool and pid file through %n), so that multi-node jobs and a run resumed on another --nodes are real.
+#     The nodes are named after names that already resolve to this machine ($(hostname -s), then localhost): the
+#     trainer's rendezvous address is the first node's name, as on a real cluster.
 set -euo pipefail
 
 DIR=${1:?usage: tests/slurm/start.sh DIR}
@@ -53,7 +57,7 @@ done
 # A fresh cluster every time: job ids restart at 1, so state or accounting left from an earlier start would mix
 # old jobs with new ones.
 rm -rf "$DIR"/{etc,run,log,munge,spool,db}
-mkdir -p "$DIR"/{etc,run,log,munge,spool/ctld,spool/d,db}
+mkdir -p "$DIR"/{etc,run,log,munge,spool/ctld,db}
 chmod 700 "$DIR/munge"
 
 used_ports() {  # listening TCP ports, from /proc (no ss/netstat, no gawk needed on a bare machine)
@@ -74,10 +78,14 @@ pick_ports() {  # N distinct free ports in 40000-59999 (20000-39999: training ma
   done
   echo "${picked[@]}"
 }
-read -r CTLD_PORT SLURMD_PORT DBD_PORT DB_PORT <<<"$(pick_ports 4)"
+read -r CTLD_PORT DBD_PORT DB_PORT SLURMD_PORTS <<<"$(pick_ports 5)"
+read -r -a SLURMD_PORTS <<<"$SLURMD_PORTS"  # the last two: one per slurmd
 
 HOST=$(hostname -s)
-# SLURM_TEST_CPUS: CPUs the node advertises (default: its cores). The tests advertise more than the machine has so
+NODES=("$HOST")
+[ "${SLURM_TEST_NODES:-2}" = 1 ] || NODES+=(localhost)
+[ "${SLURM_TEST_NODES:-2}" -le 2 ] || die "SLURM_TEST_NODES: 1 or 2 (the names that resolve here)"
+# SLURM_TEST_CPUS: CPUs each node advertises (default: its cores). The tests advertise more than the machine has so
 # that two 2-rank jobs run side by side: they spend most of their time waiting on SLURM's timers, not computing.
 CPUS=${SLURM_TEST_CPUS:-$(nproc)}
 MEM_MB=$(awk '/MemTotal/ { print int($2 / 1024 * 0.9) }' /proc/meminfo)
@@ -138,17 +146,16 @@ cat > "$DIR/etc/slurm.conf" <<EOF
 ClusterName=pipelinetest
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 $AUTH
 CredType=cred/munge
 StateSaveLocation=$DIR/spool/ctld
-SlurmdSpoolDir=$DIR/spool/d
+SlurmdSpoolDir=$DIR/spool/d-%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 PlugStackConfig=$DIR/etc/plugstack.conf
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -172,7 +179,9 @@ MinJobAge=600
 SlurmdTimeout=300
 # The node may advertise more CPUs than it has (SLURM_TEST_CPUS): take the configured figures as they are.
 SlurmdParameters=config_overrides
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+$(for i in "${!NODES[@]}"; do
+  echo "NodeName=${NODES[$i]} NodeHostname=${NODES[$i]} NodeAddr=127.0.0.1 Port=${SLURMD_PORTS[$i]} CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN"
+done)
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 PartitionName=short Nodes=ALL MaxTime=30 State=UP
 EOF
@@ -184,9 +193,12 @@ slurmdbd
 wait_for slurmdbd bash -c "exec 3<>/dev/tcp/127.0.0.1/$DBD_PORT"
 slurmctld
 wait_for slurmctld scontrol ping
-slurmd
-node_idle() { [ "$(sinfo -h -N -n "$HOST" -p debug -o %t)" = idle ]; }
-wait_for "node $HOST idle" node_idle
+for node in "${NODES[@]}"; do
+  mkdir -p "$DIR/spool/d-$node"
+  slurmd -N "$node"
+done
+nodes_idle() { [ "$(sinfo -h -N -p debug -o %t | sort -u)" = idle ] && [ "$(sinfo -h -N -p debug | wc -l)" = ${#NODES[@]} ]; }
+wait_for "nodes ${NODES[*]} idle" nodes_idle
 wait_for "accounting (sacct)" sacct -n -X -S now
-log "up: SLURM_CONF=$SLURM_CONF, node $HOST with $CPUS CPUs, partition debug"
+log "up: SLURM_CONF=$SLURM_CONF, nodes ${NODES[*]} with $CPUS CPUs each, partition debug"
 echo "export SLURM_CONF=$SLURM_CONF"

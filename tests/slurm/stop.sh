@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop the cluster tests/slurm/start.sh DIR started: cancel its jobs, then stop exactly the daemons whose pid
-# files are in DIR/run, newest first (slurmd, slurmctld, slurmdbd, mariadbd, munged). Nothing else is touched.
+# files are in DIR/run, newest first (each slurmd, slurmctld, slurmdbd, mariadbd, munged). Nothing else is touched.
 set -uo pipefail
 
 DIR=${1:?usage: tests/slurm/stop.sh DIR}
@@ -18,7 +18,8 @@ if alive slurmctld; then
   done
 fi
 
-for daemon in slurmd slurmctld slurmdbd mariadbd munged; do
+slurmds=$(cd "$DIR/run" && ls slurmd-*.pid slurmd.pid 2>/dev/null | sed 's/\.pid$//')
+for daemon in $slurmds slurmctld slurmdbd mariadbd munged; do
   alive "$daemon" || continue
   pid=$(cat "$DIR/run/$daemon.pid")
   kill -TERM "$pid"
