@@ -1,8 +1,9 @@
 """URL list -> WebDataset shards with img2dataset, then SHARDS/manifest.json.
 
-data_tools/url_list.py reads the list and drops (and counts) the rows no download should be tried for; img2dataset
-downloads, resizes, shards and resumes: rerun the same command after an interruption and finished shards are kept.
-`--slurm CLUSTER` runs the same download as a SLURM job array (data_tools/download_array.py).
+data_tools/url_list.py reads the list and drops (and counts) the rows no download should be tried for, in bounded
+memory, into SHARDS/_input/ (parquet parts, resumable); img2dataset downloads, resizes, shards and resumes: rerun
+the same command after an interruption and finished shards are kept. `--slurm CLUSTER` runs the same download as a
+SLURM job array (data_tools/download_array.py).
 """
 from __future__ import annotations
 
@@ -20,17 +21,16 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from data_tools import DataToolsError
 from data_tools import url_list as lists
-from data_tools.manifest import MANIFEST, write_manifest
+from data_tools.manifest import MANIFEST, write_json, write_manifest
 
 # settings that shape the shards: an incremental rerun must not mix shards made with different ones
 SHARD_SETTINGS = ("image_size", "resize_mode", "number_sample_per_shard", "min_image_size", "max_aspect_ratio",
                   "max_image_area")
-INPUT = "_input.parquet"  # the kept rows, as img2dataset reads them (kept for reruns: same rows, same shards)
-RECORD_KEY = "data_tools.download"  # INPUT's schema metadata: the record prepare() checks a rerun against
+INPUT = "_input"  # the kept rows as parquet parts, as img2dataset reads them (kept for reruns: same rows, same shards)
+RECORD = "download.json"  # in INPUT, written before img2dataset starts: the record a rerun is checked against
+PART_ROWS = 1_000_000  # rows per part: what img2dataset holds in memory at once
 # Image side per target model: CLIP towers train at their open_clip image_size (random-resized crops of the whole
 # image, so the stored image keeps its ratio), ImageGPT at its palette resolution (centre crops, square).
 TARGETS = {"ViT-B-32": 224, "ViT-B-16": 224, "ViT-L-14": 224, "ViT-L-14-336": 336, "RN50": 224, "RN101": 224,
@@ -76,15 +76,21 @@ def recorded(settings: dict) -> dict:
     return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in settings.items()}
 
 
-def check_rerun(previous: dict, settings: dict, rows: int, kept: int, where: Path) -> None:
-    """A previous run in the same place must have had the same list and shard settings."""
+def check_rerun(previous: dict, settings: dict, rows: int | None, kept: int | None, where: Path) -> None:
+    """A previous run in the same place must have had the same list and shard settings (rows and kept: once
+    known, after the list is read)."""
     old_settings = previous.get("img2dataset", {}).get("settings", {})
     before = {"rows": previous.get("rows"), "kept": previous.get("kept", kept),
               **{k: old_settings.get(k) for k in SHARD_SETTINGS}}
     now = {"rows": rows, "kept": kept, **{k: recorded(settings)[k] for k in SHARD_SETTINGS}}
-    if diff := [f"{k} {before[k]} there, {now[k]} now" for k in now if before[k] != now[k]]:
+    if diff := [f"{k} {before[k]} there, {now[k]} now" for k in now if now[k] is not None and before[k] != now[k]]:
         raise DataToolsError(f"{where} holds shards of another list or settings ({'; '.join(diff)}): "
                              "use a new --out or delete it")
+
+
+def part_rows(options: Options) -> int:
+    """Parts hold whole shards, so that img2dataset's last shard of each part (file) is full but for the list's."""
+    return options.samples_per_shard * max(1, PART_ROWS // options.samples_per_shard)
 
 
 def run_img2dataset(source: Path, out: Path, settings: dict, first_shard: int = 0) -> None:
@@ -104,52 +110,44 @@ def run_img2dataset(source: Path, out: Path, settings: dict, first_shard: int = 
         signal.signal(signal.SIGINT, previous)
 
 
-def prepare(urls: lists.UrlList, out: Path, settings: dict) -> dict:
-    """The record every manifest of this download starts from; a rerun must match the previous one. The record
-    also travels in the metadata of INPUT, written before img2dataset starts: a download killed before it wrote a
-    manifest is still checked on its rerun."""
+def prepare(spec: lists.ListSpec, out: Path, options: Options) -> tuple[lists.UrlList, dict]:
+    """Read the list into out/_input/ and return it with the record every manifest of this download starts from.
+    A rerun must match the previous download's record (its manifest's, or, for a download killed before it wrote
+    one, the record written here before img2dataset starts); shard settings are checked before the list is read."""
     out.mkdir(parents=True, exist_ok=True)
-    info = {"rows": urls.rows, "kept": urls.table.num_rows, "captions_truncated": urls.captions_truncated,
-            "img2dataset": {"version": version("img2dataset"), "settings": recorded(settings)}}
-    path = out / MANIFEST
-    for previous in (out / INPUT, path):
-        if record := read_record(previous):
-            check_rerun(record, settings, urls.rows, urls.table.num_rows, out)
-    if path.is_file():
-        path.unlink()  # rewritten when img2dataset ends; img2dataset must not see it (below)
+    settings = options.img2dataset()
+    previous = [r for r in (read_record(out / INPUT / RECORD), read_record(out / MANIFEST)) if r]
+    for record in previous:
+        check_rerun(record, settings, None, None, out)
     # img2dataset's incremental mode takes every *.json in the output folder for a `{shard}_stats.json`
     # (int(name.split("_")[0])) and crashes on any other: refuse before anything starts.
-    if foreign := sorted(f.name for f in out.glob("*.json") if not f.name.split("_")[0].isdigit()):
+    if foreign := sorted(f.name for f in out.glob("*.json") if f.name != MANIFEST and not f.name.split("_")[0].isdigit()):
         raise DataToolsError(f"{out / foreign[0]}: img2dataset reads every *.json in --out as a shard record; "
                              f"move {', '.join(foreign)} out of {out}")
-    tmp = out / (INPUT + ".tmp")
-    pq.write_table(urls.table.replace_schema_metadata({RECORD_KEY: json.dumps(info)}), tmp)
-    os.replace(tmp, out / INPUT)
-    return info
+    urls = spec.prepare(out / INPUT, part_rows(options))
+    for record in previous:
+        check_rerun(record, settings, urls.rows, urls.kept, out)
+    info = {"rows": urls.rows, "kept": urls.kept, "captions_truncated": urls.captions_truncated,
+            "img2dataset": {"version": version("img2dataset"), "settings": recorded(settings)}}
+    write_json(out / INPUT / RECORD, info)
+    (out / MANIFEST).unlink(missing_ok=True)  # rewritten when img2dataset ends; img2dataset must not see it
+    return urls, info
 
 
 def read_record(path: Path) -> dict | None:
-    """The download record of a manifest, or of the metadata of an INPUT parquet."""
-    if not path.is_file():
-        return None
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    metadata = pq.read_schema(path).metadata or {}
-    record = metadata.get(RECORD_KEY.encode())
-    return json.loads(record) if record else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def download(urls: lists.UrlList, out: str | Path, options: Options = Options()) -> dict:
+def download(spec: lists.ListSpec, out: str | Path, options: Options = Options()) -> dict:
     """Download the kept rows of a URL list into out (webdataset, incremental); write and return the manifest."""
     out = Path(out)
+    urls, info = prepare(spec, out, options)
     settings = options.img2dataset()
-    info = prepare(urls, out, settings)
     done_before = sum(json.loads(f.read_text())["successes"] for f in out.glob("*_stats.json"))
     start = time.perf_counter()
     spark = spark_session(options) if options.distributor == "pyspark" else contextlib.nullcontext()
-    with spark, Progress(out, shards=math.ceil(urls.table.num_rows / options.samples_per_shard),
-                         enabled=options.progress):
-        run_img2dataset(out / INPUT, out, settings)
+    with spark, Progress(out, shards=math.ceil(urls.kept / options.samples_per_shard), enabled=options.progress):
+        run_img2dataset(urls.folder, out, settings)
     elapsed = time.perf_counter() - start
     manifest = write_manifest(out, info, urls.dropped)
     # not in the manifest file: it describes the shards, this describes one (possibly resumed) run
@@ -258,7 +256,7 @@ def options_from(args: argparse.Namespace) -> Options:
                    progress=not args.no_progress, distributor=args.distributor, spark_master=args.spark_master)
 
 
-def url_list_from(args: argparse.Namespace) -> lists.UrlList:
+def list_spec(args: argparse.Namespace) -> lists.ListSpec:
     columns = lists.PRESETS[args.preset] if args.preset else lists.Columns()
     columns = lists.Columns(url=args.url_col or columns.url,
                             captions=tuple(args.caption_col.split(",")) if args.caption_col else columns.captions,
@@ -266,7 +264,7 @@ def url_list_from(args: argparse.Namespace) -> lists.UrlList:
     keep = lists.RowFilter(languages=tuple(args.language.split(",")) if args.language else (),
                            dedupe=not args.keep_duplicates, min_caption_chars=args.min_caption_chars,
                            max_caption_chars=args.max_caption_chars)
-    return lists.load(args.urls, args.input_format, columns, keep)
+    return lists.ListSpec(args.urls, args.input_format, columns, keep)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,11 +274,18 @@ def run(args: argparse.Namespace) -> int:
     if args.slurm and options.distributor != "multiprocessing":
         raise DataToolsError("--slurm and --distributor pyspark: each SLURM array task downloads with its own "
                              "processes")
-    urls = url_list_from(args)
+    spec = list_spec(args)
+    spec.check()  # files, formats, columns: before anything is written
+    if args.prepare_only:
+        urls = spec.prepare(Path(args.out) / INPUT, part_rows(options))
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(urls.dropped.items())) or "none"
+        print(f"{urls.rows} rows: {urls.kept} kept in {len(urls.parts())} part(s) under {urls.folder}; "
+              f"dropped: {dropped}; captions cut: {urls.captions_truncated}")
+        return 0
     if args.slurm:
         from data_tools import download_array
-        return download_array.run(args, urls, options)
-    manifest = download(urls, args.out, options)
+        return download_array.run(args, spec, options)
+    manifest = download(spec, args.out, options)
     print(summary(manifest, Path(args.out)), flush=True)
     return 1 if missing_rows(manifest) or manifest["incomplete_shards"] else 0
 
@@ -303,6 +308,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--keep-duplicates", action="store_true", help="download a URL as often as it is listed")
     g.add_argument("--min-caption-chars", type=int, default=1, help="drop shorter captions (0: keep uncaptioned rows)")
     g.add_argument("--max-caption-chars", type=int, help="cut longer captions")
+    g.add_argument("--prepare-only", action="store_true",
+                   help="read, filter and deduplicate the list into SHARDS/_input/, print the counts, download nothing")
     g = p.add_argument_group("images and shards")
     g.add_argument("--target", choices=sorted(TARGETS), help="image size and resize mode for this model")
     g.add_argument("--image-size", type=int, help="default: the target's, else 64")

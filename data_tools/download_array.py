@@ -1,8 +1,8 @@
 """`data_tools download URLS --out SHARDS --slurm CLUSTER --tasks N`: one download as a SLURM job array.
 
-Here (on the login node) the list is read and filtered once, and its kept rows are cut into N slices of whole
-shards: SHARDS/_parts/NNNNN.parquet, with SHARDS/_parts/plan.json saying how. Array task k runs img2dataset on
-slice k in its own folder SHARDS/_parts/NNNNN/ (img2dataset deletes its `_tmp` folder when it ends, so tasks
+Here (on the login node) the list is read and filtered once (into SHARDS/_input/, in bounded memory: url_list.py),
+and its kept rows are cut into N slices of whole shards: SHARDS/_parts/NNNNN.in/ (parquet parts), with
+SHARDS/_parts/plan.json saying how. Array task k runs img2dataset on slice k in its own folder SHARDS/_parts/NNNNN/ (img2dataset deletes its `_tmp` folder when it ends, so tasks
 cannot share one), numbering shards from k x shards-per-task: names and keys are those a single download of the
 whole list would give. As each task ends, its finished shards move into SHARDS (the stats files stay behind too,
 so a rerun of the task skips them). The merge job then writes SHARDS/manifest.json for the whole list: rows of
@@ -29,32 +29,69 @@ PARTS = "_parts"
 PLAN = "plan.json"
 
 
-def split(urls: lists.UrlList, out: Path, options: dl.Options, tasks: int) -> dict:
-    """Write the slices and the plan; a rerun must find the same list and settings, and keeps the slicing."""
+def split(spec: lists.ListSpec, out: Path, options: dl.Options, tasks: int) -> dict:
+    """Read the list, write the slices and the plan; a rerun must find the same list and settings, and keeps the
+    slicing."""
     if tasks < 1:
         raise DataToolsError(f"--tasks {tasks}: must be >= 1")
     settings = options.img2dataset()
     parts = out / PARTS
-    shards = max(1, math.ceil(urls.table.num_rows / options.samples_per_shard))
+    previous = json.loads((parts / PLAN).read_text()) if (parts / PLAN).is_file() else None
+    if previous:  # shard settings first, before the list is read again
+        dl.check_rerun(previous, settings, None, None, out)
+    urls, info = dl.prepare(spec, out, options)
+    shards = max(1, math.ceil(urls.kept / options.samples_per_shard))
     per_task = math.ceil(shards / min(tasks, shards))
-    plan = {"rows": urls.rows, "kept": urls.table.num_rows, "captions_truncated": urls.captions_truncated,
-            "dropped": dict(urls.dropped), "shards": shards, "shards_per_task": per_task,
-            "tasks": math.ceil(shards / per_task),
-            "img2dataset": {"version": dl.version("img2dataset"), "settings": dl.recorded(settings)}}
-    if (parts / PLAN).is_file():
-        previous = json.loads((parts / PLAN).read_text())
-        dl.check_rerun(previous, settings, urls.rows, urls.table.num_rows, out)
+    plan = {**info, "dropped": dict(urls.dropped), "shards": shards, "shards_per_task": per_task,
+            "tasks": math.ceil(shards / per_task)}
+    if previous:
+        dl.check_rerun(previous, settings, urls.rows, urls.kept, out)
         plan["shards_per_task"], plan["tasks"] = previous["shards_per_task"], previous["tasks"]
-    elif (out / dl.MANIFEST).is_file():
-        dl.check_rerun(json.loads((out / dl.MANIFEST).read_text()), settings, urls.rows, urls.table.num_rows, out)
     parts.mkdir(parents=True, exist_ok=True)
-    rows_per_task = plan["shards_per_task"] * options.samples_per_shard
-    for k in range(plan["tasks"]):
-        tmp = parts / f"{k:05d}.parquet.tmp"
-        pq.write_table(urls.table.slice(k * rows_per_task, rows_per_task), tmp)
-        os.replace(tmp, parts / f"{k:05d}.parquet")
+    _slice(urls, parts, plan["shards_per_task"] * options.samples_per_shard, dl.part_rows(options))
     write_json(parts / PLAN, plan)
     return plan
+
+
+def _slice(urls: lists.UrlList, parts: Path, rows_per_task: int, part_rows: int) -> None:
+    """The kept rows, streamed from the list's parts into task k's folder NNNNN.in/ (rows k x rows_per_task
+    onwards), itself in parts of part_rows: img2dataset holds one part at a time."""
+    task, in_task, in_part, writer, part = 0, 0, 0, None, 0
+
+    def close():
+        nonlocal writer, part, in_part
+        if writer is not None:
+            writer.close()
+            os.replace(_task_part(parts, task, part, ".tmp"), _task_part(parts, task, part))
+            writer, part, in_part = None, part + 1, 0
+
+    for path in urls.parts():
+        for batch in pq.ParquetFile(path).iter_batches(65536):
+            taken = 0
+            while taken < batch.num_rows:
+                if in_task == rows_per_task:
+                    close()
+                    task, in_task, part = task + 1, 0, 0
+                if writer is None:
+                    folder = _task_part(parts, task, 0).parent
+                    if part == 0:
+                        shutil.rmtree(folder, ignore_errors=True)
+                        folder.mkdir()
+                    writer = pq.ParquetWriter(_task_part(parts, task, part, ".tmp"), batch.schema)
+                n = min(batch.num_rows - taken, rows_per_task - in_task, part_rows - in_part)
+                writer.write_batch(batch.slice(taken, n))
+                taken, in_task, in_part = taken + n, in_task + n, in_part + n
+                if in_part == part_rows:
+                    close()
+    close()
+    if not _task_part(parts, 0, 0).is_file():  # nothing kept: task 0 still gets its (empty) input
+        shutil.rmtree(_task_part(parts, 0, 0).parent, ignore_errors=True)
+        _task_part(parts, 0, 0).parent.mkdir()
+        pq.write_table(urls.read(), _task_part(parts, 0, 0))
+
+
+def _task_part(parts: Path, task: int, part: int, suffix: str = "") -> Path:
+    return parts / f"{task:05d}.in" / f"part-{part:05d}.parquet{suffix}"
 
 
 def publish(task_dir: Path, out: Path) -> int:
@@ -88,7 +125,7 @@ class DownloadTask:
             settings[key] = math.inf if settings[key] is None else settings[key]
         task_dir = out / PARTS / f"{k:05d}"
         task_dir.mkdir(exist_ok=True)
-        dl.run_img2dataset(out / PARTS / f"{k:05d}.parquet", task_dir, settings, first_shard=k * plan["shards_per_task"])
+        dl.run_img2dataset(out / PARTS / f"{k:05d}.in", task_dir, settings, first_shard=k * plan["shards_per_task"])
         return {"task": k, "shards_published": publish(task_dir, out)}
 
 
@@ -109,11 +146,11 @@ class MergeTask:
         return write_manifest(out, info, plan["dropped"])
 
 
-def run(args: argparse.Namespace, urls: lists.UrlList, options: dl.Options) -> int:
+def run(args: argparse.Namespace, spec: lists.ListSpec, options: dl.Options) -> int:
     from launch import array
 
     out = Path(args.out).resolve()
-    plan = split(urls, out, options, args.tasks)
+    plan = split(spec, out, options, args.tasks)
     request = array.ArrayRequest.from_args(args, name=f"download-{out.name}")
     submitted = array.submit(request, out / PARTS / "slurm", DownloadTask(str(out)), range(plan["tasks"]),
                              MergeTask(str(out)))

@@ -46,6 +46,7 @@ class Cluster:
     gpus_per_node: int = 0
     ranks_per_node: Optional[int] = None  # one rank per GPU; on CPU-only nodes, set here
     memory_gb: float = 0.0  # per rank: one GPU's memory, or a CPU rank's share of the node
+    host_memory_gb: float = 0.0  # per node (0: not given)
     peak_tflops: Dict[str, float] = field(default_factory=dict)  # dense peak per rank, by precision
     precision: str = "fp32"
     assumed_mfu: float = 0.4  # `launch plan` converts FLOPs into time with it

@@ -9,7 +9,10 @@ Everything is sized on the meta device (nothing allocated, seconds on a laptop):
 - model state follows the ZeRO paper (Rajbhandari et al. 2020): with fp16/bf16, 2 bytes per parameter of weights,
   2 of gradients and 12 of optimizer state (fp32 master, Adam m and v); in fp32, 4 + 4 + 8. Stage 1 splits the
   optimizer state over the ranks, stage 2 the gradients too, stage 3 the weights too; offload moves them to CPU;
-- DeepSpeed's communication buffers use its own defaults for our ds_config (pipeline/engine.py).
+- DeepSpeed's communication buffers use its own defaults for our ds_config (pipeline/engine.py);
+- host memory per node for the loader: per rank, data.num_workers workers, each holding its own LOADER_WORKER_MIB
+  (measured by bench.loader_memory; shard indexes, not shards, so it does not grow with the shards) and the
+  batches it keeps ready (pipeline/data.py PREFETCH, micro-batches as the loader delivers them: Task.loader_batch).
 Time = samples / (ranks x peak FLOP/s x MFU / FLOPs per sample), MFU assumed (the profile's, or --mfu).
 """
 from __future__ import annotations
@@ -24,10 +27,14 @@ from torch import nn
 
 from launch import cluster as clusters
 from pipeline import config
+from pipeline.data import PREFETCH
 from pipeline.tasks import get_task
 
 GiB = 2**30
 HEADROOM = 0.9  # the rest of a GPU's memory goes to the CUDA context, NCCL and allocator fragmentation
+# A loader worker's own memory (USS, beyond the pages it shares with its trainer) with 4 open shards of 1,000 to
+# 50,000 samples each: 69-75 MiB (python -m bench.loader_memory, docs/PERFORMANCE.md).
+LOADER_WORKER_MIB = 75
 
 
 @dataclass
@@ -54,6 +61,8 @@ class Plan:
     offload: str
     mfu: float
     time_limit_min: int
+    loader_workers: int  # per rank
+    loader_batch: float  # bytes of one micro-batch as the loader delivers it
 
     @property
     def total(self) -> float:
@@ -66,6 +75,12 @@ class Plan:
     @property
     def fits(self) -> bool:
         return self.total <= HEADROOM * self.capacity
+
+    @property
+    def loader_per_node(self) -> float:
+        """Host memory of the loader workers of one node: their own, and the batches they keep ready."""
+        per_worker = LOADER_WORKER_MIB * 2**20 + PREFETCH * self.loader_batch
+        return self.ranks // self.nodes * self.loader_workers * per_worker
 
     @property
     def samples_per_s(self) -> float:
@@ -110,7 +125,8 @@ def make(config_path: str, cluster_name: str, nodes: int, gpus_per_node: Optiona
         activations=activation_bytes(task, model, t.micro_batch_size, DTYPES[t.precision]),
         buffers=_buffer_bytes(cfg, n, ranks, width), checkpointing=bool(getattr(cfg.model, "grad_checkpointing", False)),
         offload=", ".join(k for k in ("optimizer", "params") if getattr(z, f"offload_{k}")),
-        mfu=mfu, time_limit_min=clusters.parse_time(time or c.slurm.time))
+        mfu=mfu, time_limit_min=clusters.parse_time(time or c.slurm.time), loader_workers=cfg.data.num_workers,
+        loader_batch=float(sum(x.numel() * x.element_size() for x in task.loader_batch(t.micro_batch_size).values())))
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -206,6 +222,9 @@ def render(p: Plan) -> str:
         f"  buffers      {_gb(p.buffers)}  (DeepSpeed communication buckets)",
         f"  total        {_gb(p.total)} of {c.memory_gb:g} GiB: "
         + ("fits" if p.fits else f"DOES NOT FIT (limit {HEADROOM:.0%} of memory)"),
+        f"host/node    loader {_gb(p.loader_per_node)}  ({p.ranks // p.nodes} ranks x {p.loader_workers} workers, each "
+        f"{LOADER_WORKER_MIB} MiB + {PREFETCH} micro-batches of {p.loader_batch / 2**20:.1f} MiB)"
+        + (f" of {c.host_memory_gb:g} GiB" if c.host_memory_gb else ""),
         f"throughput   {p.samples_per_s:,.0f} samples/s at {p.mfu:.0%} MFU "
         f"(peak {c.peak_flops(p.precision) / 1e12:g} TFLOP/s per {unit}, {p.precision})",
         f"time         {p.steps:,} steps x {p.global_batch:,} = {p.steps * p.global_batch / 1e9:,.2f}B samples: "

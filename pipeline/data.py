@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 STATE = "_stream_state"  # batch entry: the producing stream's state after this batch
 REPORTS = "_shard_reports"  # batch entry: damaged or empty shards the stream met since its last batch
+PREFETCH = 4  # batches each loader worker keeps ready (in shared memory: `launch plan` counts them)
 
 
 def expand_urls(spec) -> list[str]:
@@ -312,7 +313,7 @@ class TrainStream:
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                  worker_init_fn=functools.partial(_worker_init, os.getpid()),
                                  generator=torch.Generator().manual_seed(seed * 1_000_003 + rank),
-                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+                                 persistent_workers=num_workers > 0, prefetch_factor=PREFETCH if num_workers else None)
         self._it = None
 
     @property

@@ -22,7 +22,7 @@ from data_tools import DataToolsError  # noqa: E402
 from data_tools.cli import main  # noqa: E402
 from data_tools.demo_corpus import ODD_IMAGES, make_corpus, start_server, write_url_list  # noqa: E402
 from data_tools.download import Options, download, missing_rows  # noqa: E402
-from data_tools.url_list import load, url_problems  # noqa: E402
+from data_tools.url_list import ListSpec, url_problems  # noqa: E402
 from data_tools.manifest import build_manifest, failure_reason  # noqa: E402
 
 N_GOOD = 60
@@ -60,7 +60,7 @@ def served(http):
 def shards(served, tmp_path_factory):
     root, _ = served
     out = tmp_path_factory.mktemp("shards")
-    manifest = download(load(root / "urls.csv"), out, OPTIONS)
+    manifest = download(ListSpec(root / "urls.csv"), out, OPTIONS)
     return out, manifest
 
 
@@ -132,16 +132,16 @@ def test_rerun_resumes(served, shards):
     root, _ = served
     out, manifest = shards
     # the manifest must not break img2dataset's incremental mode, which reads every *.json as shard stats
-    again = download(load(root / "urls.csv"), out, OPTIONS)
+    again = download(ListSpec(root / "urls.csv"), out, OPTIONS)
     assert again["shards"] == manifest["shards"] and again["failures"] == manifest["failures"]
     assert again["last_run"]["new_samples"] == 0
     with pytest.raises(DataToolsError, match="image_size 32 there, 64 now"):
-        download(load(root / "urls.csv"), out, dataclasses.replace(OPTIONS, image_size=64))
+        download(ListSpec(root / "urls.csv"), out, dataclasses.replace(OPTIONS, image_size=64))
     # any other *.json beside the shards would crash img2dataset's resume: refused, with its name, nothing lost
     (out / "palette_k4.json").write_text("{}")
     try:
         with pytest.raises(DataToolsError, match=r"palette_k4.json: img2dataset reads every \*.json"):
-            download(load(root / "urls.csv"), out, OPTIONS)
+            download(ListSpec(root / "urls.csv"), out, OPTIONS)
         assert len(list(out.glob("*.tar"))) == len(manifest["shards"])
     finally:
         (out / "palette_k4.json").unlink()
@@ -153,11 +153,11 @@ def test_input_formats(served, tmp_path):
     urls.to_json(tmp_path / "u.jsonl", orient="records", lines=True)
     urls.to_json(tmp_path / "u.json", orient="records")
     urls.to_parquet(tmp_path / "u.parquet")
-    expected = load(tmp_path / "u.parquet")
-    assert expected.table.num_rows == len(urls) - 4 and expected.rows == len(urls)  # empty, ftp, dup, uncaptioned
+    expected = ListSpec(tmp_path / "u.parquet").prepare(tmp_path / "parquet")
+    assert expected.kept == len(urls) - 4 and expected.rows == len(urls)  # empty, ftp, dup, uncaptioned
     for name in ("u.tsv.gz", "u.jsonl", "u.json"):
-        got = load(tmp_path / name)
-        assert got.table.equals(expected.table) and got.dropped == expected.dropped, name
+        got = ListSpec(tmp_path / name).prepare(tmp_path / name.replace(".", "_"))
+        assert got.read().equals(expected.read()) and got.dropped == expected.dropped, name
 
 
 def test_url_problems():
@@ -226,7 +226,7 @@ def test_array_slices_give_the_shards_of_one_download(served, shards, tmp_path):
 
     root, _ = served
     out, manifest = shards
-    plan = download_array.split(load(root / "urls.csv"), tmp_path, OPTIONS, tasks=3)
+    plan = download_array.split(ListSpec(root / "urls.csv"), tmp_path, OPTIONS, tasks=3)
     assert (plan["shards"], plan["shards_per_task"], plan["tasks"]) == (4, 2, 2)  # whole shards per task
     assert download_array.DownloadTask(str(tmp_path))(1) == {"task": 1, "shards_published": 2}
     partial = download_array.MergeTask(str(tmp_path))()  # task 0 failed or never ran
@@ -240,7 +240,7 @@ def test_array_slices_give_the_shards_of_one_download(served, shards, tmp_path):
         assert _keys(tmp_path / s["name"]) == _keys(out / s["name"])
     # a rerun with other settings is refused before anything is submitted
     with pytest.raises(DataToolsError, match="image_size 32 there, 64 now"):
-        download_array.split(load(root / "urls.csv"), tmp_path, dataclasses.replace(OPTIONS, image_size=64), tasks=3)
+        download_array.split(ListSpec(root / "urls.csv"), tmp_path, dataclasses.replace(OPTIONS, image_size=64), tasks=3)
 
 
 @pytest.mark.slow

@@ -194,3 +194,16 @@ def test_save_on_signals_asks_for_a_stop_and_keeps_submitits_handler():
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_plan_counts_the_loaders_host_memory_per_node():
+    """Per node: ranks x workers x (a worker's own memory + the micro-batches it keeps ready, as it delivers
+    them: CLIP's images in uint8, normalised on the GPU)."""
+    from pipeline.data import PREFETCH
+
+    p = plan.make("configs/clip/vit_l14_336.yaml", "a100", 4)
+    batch = 32 * 3 * 336 * 336 + 32 * 77 * 8  # uint8 pixels, int64 token ids
+    assert p.loader_batch == batch and p.loader_workers == 8
+    assert p.loader_per_node == 8 * 8 * (plan.LOADER_WORKER_MIB * 2**20 + PREFETCH * batch)
+    text = plan.render(p)
+    assert "host/node    loader   7.28 GiB  (8 ranks x 8 workers" in text and "of 1024 GiB" in text

@@ -1,17 +1,21 @@
-"""`launch slurm` against a real SLURM cluster (slurmctld, slurmd, slurmdbd + MariaDB, munged) that
+"""`launch slurm` against a real SLURM cluster (slurmctld, two slurmd, slurmdbd + MariaDB, munged) that
 tests/slurm/start.sh starts for this session and tests/slurm/stop.sh stops: no mock anywhere.
 
-The long jobs are submitted up front and run side by side (the node advertises 6 CPUs, each job takes 2), because
-much of their time goes to SLURM's timers (requeue delay, the 30 s time-limit tick), not to computing:
-  train    2-rank CLIP, interrupted by `scontrol requeue` after its first checkpoint: saves at the step SIGTERM
-           came, resumes there and finishes
-  timeout  once it trains, its time limit is cut so that SLURM's USR2 (signal_delay_s before the limit) comes:
-           it saves, requeues itself through submitit, resumes from that step and finishes
-  failing  its run dir's `latest` points at a missing checkpoint: the job fails, status shows error and log
+The long jobs are submitted up front and run side by side (each node advertises 6 CPUs, a job takes 2 a node),
+because much of their time goes to SLURM's timers (requeue delay, the 30 s time-limit tick), not to computing:
+  train      2-rank CLIP, interrupted by `scontrol requeue` after its first checkpoint: saves at the step SIGTERM
+             came, resumes there and finishes
+  timeout    once it trains, its time limit is cut so that SLURM's USR2 (signal_delay_s before the limit) comes:
+             it saves, requeues itself through submitit, resumes from that step and finishes
+  exhausted  the same with max_requeues 0: it saves and is not requeued, and says why
+  failing    its run dir's `latest` points at a missing checkpoint: the job fails, status shows error and log
+  fault      rank 1 raises at step 3: the job ends FAILED within 60 s, the error named once
+  resized    pre-empted (SIGTERM) at step 6 on 1 node, then submitted again on 2 nodes: resumes there on 4 ranks
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import os
@@ -84,8 +88,19 @@ def launch(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return r
 
 
-def submit(run_dir: Path, corpus: Path, *extra: str, cluster: str = "cpu") -> str:
-    r = launch("slurm", "configs/clip/tiny_cpu.yaml", "--cluster", cluster, "--nodes", "1", "--time", "10",
+def submit(run_dir: Path, corpus: Path, *extra: str, cluster: str = "cpu", nodes: int = 1,
+           fault: str | None = None) -> str:
+    os.environ.pop("PIPELINE_FAULT", None)  # sbatch exports this environment to the job
+    if fault:
+        os.environ["PIPELINE_FAULT"] = fault
+    try:
+        return _submit(run_dir, corpus, *extra, cluster=cluster, nodes=nodes)
+    finally:
+        os.environ.pop("PIPELINE_FAULT", None)
+
+
+def _submit(run_dir: Path, corpus: Path, *extra: str, cluster: str, nodes: int) -> str:
+    r = launch("slurm", "configs/clip/tiny_cpu.yaml", "--cluster", cluster, "--nodes", str(nodes), "--time", "10",
                f"data.train={corpus}/{{00000..00001}}.tar", f"run.dir={run_dir}", "train.global_batch_size=32",
                "train.micro_batch_size=16", "train.log_every=5", "optim.warmup_steps=5", "eval.zeroshot=null",
                "data.num_workers=1", *extra)
@@ -134,11 +149,20 @@ def jobs(slurm_cluster, corpus, tmp_path_factory):
     train = runs / "train", submit(runs / "train", corpus, f"train.steps={STEPS}", "train.save_every=10")
     timeout = runs / "timeout", submit(runs / "timeout", corpus, f"train.steps={TIMEOUT_STEPS}",
                                        "train.save_every=10", cluster=str(profile))
+    strict = runs / "strict.yaml"  # no time-out may requeue
+    strict.write_text(profile.read_text().replace("max_requeues: 3", "max_requeues: 0"))
+    exhausted = runs / "exhausted", submit(runs / "exhausted", corpus, f"train.steps={TIMEOUT_STEPS}",
+                                           "train.save_every=10", cluster=str(strict))
     failing_job = failing, submit(failing, corpus, "train.steps=5")
-    with ThreadPoolExecutor(2) as pool:  # both long jobs need the test to act while they run
-        yield {"train": train, "timeout": timeout, "failing": failing_job,
-               "requeued": pool.submit(requeue_after_first_checkpoint, *train),
-               "timed_out": pool.submit(cut_time_limit_once_training, *timeout)}
+    fault = runs / "fault", submit(runs / "fault", corpus, "train.steps=40", "train.log_every=1",
+                                   fault="raise@step:3,rank=1")
+    resized = runs / "resized", submit(runs / "resized", corpus, "train.steps=12", "train.log_every=2",
+                                       "data.num_workers=2", fault="term@step:6")
+    with ThreadPoolExecutor(3) as pool:  # the long jobs need the test to act while they run
+        yield {"train": train, "timeout": timeout, "failing": failing_job, "fault": fault, "resized": resized,
+               "exhausted": exhausted, "requeued": pool.submit(requeue_after_first_checkpoint, *train),
+               "timed_out": pool.submit(cut_time_limit_once_training, *timeout),
+               "not_requeued": pool.submit(cut_time_limit_once_training, *exhausted, requeue=False)}
 
 
 def requeue_after_first_checkpoint(run_dir: Path, job: str) -> tuple[int, list[str]]:
@@ -151,13 +175,15 @@ def requeue_after_first_checkpoint(run_dir: Path, job: str) -> tuple[int, list[s
     return at_requeue, wait_done(job, run_dir)
 
 
-def cut_time_limit_once_training(run_dir: Path, job: str) -> list[str]:
+def cut_time_limit_once_training(run_dir: Path, job: str, requeue: bool = True) -> list[str]:
     """Once the job trains, cut its limit to 2 minutes past the current minute: the limit is then 60-120 s away,
     USR2 (90 s before it) is due within 30 s, and SLURM's time-limit check sends it at its next 30 s tick."""
     wait_until((run_dir / "checkpoints" / "latest").is_file, 420, "the job to train", run_dir)
     elapsed = int(subprocess.run(["sacct", "-X", "-n", "-o", "ElapsedRaw", "-j", job], capture_output=True,
                                  text=True, timeout=60).stdout.split()[0])
     subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={elapsed // 60 + 2}"], check=True, timeout=60)
+    if not requeue:
+        return wait_done(job, run_dir)
     wait_until(lambda: "REQUEUED" in sacct_states(job), 180, "the time-limit requeue", run_dir)
     # A requeued job keeps its TimeLimit: give the restart its 10 minutes back, so that one time-out is tested.
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True, timeout=60)
@@ -219,6 +245,51 @@ def test_failing_job_reports_its_error_and_log(jobs):
     assert "latest" in error[2] or "state.json" in error[2]
     out = launch("logs", str(run_dir), "--rank", error[1], "--lines", "60").stdout
     assert str(log_path) in out and error[2] in out
+
+
+def test_requeues_used_up_stop_the_chain_and_say_why(jobs):
+    run_dir, job = jobs["exhausted"]
+    states = jobs["not_requeued"].result(timeout=900)
+    assert states == ["FAILED"], states  # saved, not requeued, not left pending
+    status = launch("status", str(run_dir)).stdout
+    assert re.search(r"error \(rank 0\): RuntimeError: not requeued: slurm.max_requeues=0 time-outs used up", status)
+    saved = int(re.search(r"stopped on SIGUSR2: checkpoint of step (\d+) saved", rank_log(run_dir, job))[1])
+    assert f"checkpoint step {saved} of {TIMEOUT_STEPS}" in status and f"of step {saved} is saved" in status
+
+
+def test_a_failing_rank_ends_the_job_promptly_named_once(jobs):
+    run_dir, job = jobs["fault"]
+    assert wait_done(job, run_dir)[-1] == "FAILED"
+    logs = [rank_log(run_dir, job, r) for r in (0, 1)]
+    injected = re.search(r"^(\d\d:\d\d:\d\d) WARNING pipeline: fault injected", logs[1], re.M)[1]
+    end = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "End", "-j", job], capture_output=True, text=True,
+                         timeout=60).stdout.split()[0]
+    took = (datetime.datetime.fromisoformat(end) - datetime.datetime.fromisoformat(f"{end[:10]}T{injected}"))
+    assert took.total_seconds() < 60, (injected, end)
+    assert "Traceback" in logs[1] and "Traceback" not in logs[0]  # once: on the rank that failed
+    assert "rank 0 ending: rank 1 failed at step 3: InjectedFault" in logs[0]
+    status = launch("status", str(run_dir)).stdout
+    errors = re.findall(r"^  error \((ranks? [\d, ]+)\): (.+)$", status, re.M)
+    assert errors == [("rank 1", "pipeline.faults.InjectedFault: injected fault at step 3 on rank 1")], status
+
+
+def test_a_run_resumes_on_another_number_of_nodes(jobs, corpus):
+    run_dir, first = jobs["resized"]
+    assert wait_done(first, run_dir)[-1] == "COMPLETED"  # pre-empted: saved at step 6, not finished
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_000006"
+    second = submit(run_dir, corpus, "train.steps=12", "train.log_every=2", "data.num_workers=2",
+                    "train.micro_batch_size=8", nodes=2)  # 4 ranks x 8: the same global batch and contrastive batch
+    assert wait_done(second, run_dir)[-1] == "COMPLETED"
+    log = rank_log(run_dir, second)
+    assert "resuming from step 6: CLIP-tiny, 4 ranks on cpu, ZeRO-2" in log and "(saved by 2 ranks)" in log
+    assert "data position: 4 streams re-laid onto 8 (4 ranks x 2 workers)" in log
+    state = json.loads((run_dir / "checkpoints" / "step_000012" / "state.json").read_text())
+    assert (state["step"], state["world_size"], state["samples"]) == (12, 4, 12 * 32)
+    status = launch("status", str(run_dir)).stdout
+    assert f"job {first}  COMPLETED" in status and "1 node(s) x 2 rank(s)" in status
+    assert re.search(rf"job {second}  COMPLETED.*2 node\(s\) x 2 rank\(s\) \(was 1 x 2: resumed on 4 ranks\)",
+                     status), status
+    assert "checkpoint step 12 of 12 (checkpoints/step_000012, saved by 4 ranks)" in status
 
 
 def test_cancel_a_run(slurm_cluster, corpus, tmp_path):

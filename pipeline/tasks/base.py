@@ -58,6 +58,11 @@ class Task:
         """A batch of the right shapes, for FLOP counting on the meta device."""
         raise NotImplementedError
 
+    def loader_batch(self, batch_size: int) -> dict:
+        """A batch as the loader workers deliver it, before `on_device` (on the meta device: `launch plan` sizes the
+        batches loader workers hold in host memory). Default: the model's batch."""
+        return self.example_batch(batch_size, "meta")
+
     def after_step(self, engine) -> None:
         """Called after each optimizer step (e.g. clamping CLIP's temperature)."""
 

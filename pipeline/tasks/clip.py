@@ -119,6 +119,11 @@ class ClipTask(Task):
         return {"image": torch.zeros(batch_size, 3, *size, device=device),
                 "text": torch.zeros(batch_size, ctx, dtype=torch.long, device=device)}
 
+    def loader_batch(self, batch_size):
+        batch = self.example_batch(batch_size, "meta")
+        batch["image"] = batch["image"].to(torch.uint8)  # normalised on the device (on_device)
+        return batch
+
     def after_step(self, engine) -> None:
         # Clamp the learned log-temperature at ln(100), on the fp32 master copy too (ZeRO / mixed precision).
         engine.clamp_(engine.module.logit_scale, 0.0, MAX_LOGIT_SCALE)
