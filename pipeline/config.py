@@ -36,7 +36,7 @@ class RunConfig:
 class DataConfig:
     train: Any = ""  # brace-expanded shard spec ("shards/{00000..00099}.tar"), or a list of {urls, weight}
     val: Optional[str] = None
-    num_workers: int = 2  # loader processes per rank; keep it when resuming (each one is a stream)
+    num_workers: int = 2  # loader processes per rank, each one a stream (a resume may change it: data.relayout)
     open_shards: int = 4  # shards each stream interleaves: the shuffle's reach, and shards held in memory
     # true: shards drawn with replacement (open_clip's --dataset-resampled); false: epochs, each stream walking its
     # own share of the shards (needs >= ranks x workers shards, one source)

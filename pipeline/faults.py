@@ -16,8 +16,9 @@ rank 0 hosts):
 Exit statuses: 2 for a ConfigError (bad input, refused before training), 1 for anything else.
 
 Fault injection for the tests (`PIPELINE_FAULT=ACTION@POINT[:N][,rank=R]`): ACTION `raise`, `kill` (SIGKILL of
-this process) or `term` (SIGTERM, as SLURM's pre-emption sends every process: the trainer saves and stops), at POINT `step` (after optimizer step N), `save` (while writing checkpoint N, after every rank's
-shards are down), `loader` (in a loader worker, at its batch N) or `eval` (in the evaluation at step N).
+this process) or `term` (SIGTERM, as SLURM's pre-emption sends every process: the trainer saves and stops), at
+POINT `step` (after optimizer step N), `save` (while writing checkpoint N, after every rank's shards are down),
+`loader` (in a loader worker, at its batch N) or `eval` (in the evaluation at step N).
 """
 from __future__ import annotations
 
@@ -83,7 +84,6 @@ class Watchdog:
         from torch.distributed import TCPStore
 
         self.rank = rank
-        self.step: int | None = None  # the trainer's, for the failure line
         # A client of its own: the process group's may be blocked in a collective when the watchdog must act.
         self.store = TCPStore(master_addr, master_port, is_master=False, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=30))
@@ -132,11 +132,13 @@ def _end(line: str) -> None:
 
 
 _watchdog: Watchdog | None = None
+_step: int | None = None  # the last optimizer step this process finished
 
 
 def start(rank: int, world_size: int, master_addr: str, master_port: int) -> Watchdog | None:
     """Arm this process's watchdog for a run (a process may run several in a row: the tests, a notebook)."""
-    global _watchdog
+    global _watchdog, _step
+    _step = None
     if _watchdog is not None:
         _watchdog.disarm()
         _watchdog = None
@@ -145,9 +147,11 @@ def start(rank: int, world_size: int, master_addr: str, master_port: int) -> Wat
     return _watchdog
 
 
-def at_step(step: int) -> None:
-    if _watchdog is not None:
-        _watchdog.step = step
+def at_step(step: int, rank: int) -> None:
+    """The trainer finished optimizer step `step`: failure lines name it (and a `step` fault fires here)."""
+    global _step
+    _step = step
+    inject("step", step, rank)
 
 
 def disarm() -> None:
@@ -160,7 +164,7 @@ def report(exc: BaseException, rank: int, log_traceback: bool = True) -> bool:
     later one (False) a line naming the first. Returns whether this rank's failure is the job's first."""
     from pipeline.config import ConfigError
 
-    where = f" at step {_watchdog.step}" if _watchdog and _watchdog.step is not None else ""
+    where = f" at step {_step}" if _step is not None else ""
     if isinstance(exc, ConfigError):
         line = exc.lines()
     elif lost_peer(exc):

@@ -48,26 +48,8 @@ def train(cfg: config.Config, device: str) -> dict:
     faults.start(info.rank, info.world_size, info.master_addr, info.master_port)
     preflight.check(cfg, info.rank, info.world_size)  # every path this rank will read, before any work
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
-    resume = checkpoint.find(ckpt_dir, info.world_size, cfg.zero.stage)
-    _seed(cfg.train.seed, info.rank, salt=resume.state["step"] if resume and not resume.same_ranks else 0)
     task = get_task(cfg.task)(cfg)
-    with model_init(cfg, info.world_size, task.zero_init):
-        model = task.build_model()
-    if resume and resume.universal:
-        checkpoint.to_universal(resume, info.rank, workers=max(1, (os.cpu_count() or 1) // info.local_world_size))
-    engine = Engine(cfg, model, task.param_groups(model), device, info.world_size,
-                    universal=bool(resume and resume.universal))
-    step, samples, data_state = 0, 0, None
-    if resume:
-        step, samples = resume.state["step"], resume.state["samples"]
-        data_state = _data_position(resume, checkpoint.load(engine, resume, info.rank), cfg, info)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config.to_yaml(cfg))
-        log.info("%s from step %d: %s, %d ranks on %s, ZeRO-%d, %s, grad accumulation %d%s",
-                 "resuming" if step else "starting", step, cfg.model.name, info.world_size, device,
-                 cfg.zero.stage, cfg.train.precision, engine.accumulation,
-                 f" (saved by {resume.world_size} ranks)" if resume and not resume.same_ranks else "")
+    engine, step, samples, data_state = _start(cfg, task, info, device, ckpt_dir)
     with contextlib.ExitStack() as cleanup:  # loader workers and event files closed on every way out
         stream = data.TrainStream(cfg.data.train, task.transform(train=True), cfg.train.micro_batch_size,
                                   rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
@@ -82,8 +64,7 @@ def train(cfg: config.Config, device: str) -> dict:
             loss, logs = _optimizer_step(task, engine, stream, metrics)
             step += 1
             samples += cfg.train.global_batch_size
-            faults.at_step(step)
-            faults.inject("step", step, info.rank)
+            faults.at_step(step, info.rank)
             metrics.add_samples(cfg.train.global_batch_size)
             engine.check_divergence(step, loss)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -111,6 +92,32 @@ def train(cfg: config.Config, device: str) -> dict:
     faults.disarm()  # from here ranks end one by one, the store's host among them: that is no failure
     dist.barrier()
     return {**last, "step": step, "stopped": step < cfg.train.steps}
+
+
+def _start(cfg: config.Config, task, info, device: str, ckpt_dir) -> tuple[Engine, int, int, dict | None]:
+    """Model and engine, from `latest` when there is one: (engine, step, samples seen, this rank's data position).
+    A checkpoint of another number of ranks goes through DeepSpeed's universal format (pipeline/checkpoint.py)."""
+    resume = checkpoint.find(ckpt_dir, info.world_size, cfg.zero.stage)
+    elsewhere = resume is not None and not resume.same_ranks
+    _seed(cfg.train.seed, info.rank, salt=resume.state["step"] if elsewhere else 0)
+    with model_init(cfg, info.world_size, task.zero_init):
+        model = task.build_model()
+    if resume and resume.universal:
+        checkpoint.to_universal(resume, info.rank, workers=max(1, (os.cpu_count() or 1) // info.local_world_size))
+    engine = Engine(cfg, model, task.param_groups(model), device, info.world_size,
+                    universal=bool(resume and resume.universal))
+    step, samples, data_state = 0, 0, None
+    if resume:
+        step, samples = resume.state["step"], resume.state["samples"]
+        data_state = _data_position(resume, checkpoint.load(engine, resume, info.rank), cfg, info)
+    if info.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(config.to_yaml(cfg))
+        log.info("%s from step %d: %s, %d ranks on %s, ZeRO-%d, %s, grad accumulation %d%s",
+                 "resuming" if step else "starting", step, cfg.model.name, info.world_size, device,
+                 cfg.zero.stage, cfg.train.precision, engine.accumulation,
+                 f" (saved by {resume.world_size} ranks)" if elsewhere else "")
+    return engine, step, samples, data_state
 
 
 def _seed(seed: int, rank: int, salt: int = 0) -> None:
