@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import signal
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError
 
 from launch import cluster as clusters
 from launch import runs
-from pipeline import config
+from pipeline import config, preflight
 
 log = logging.getLogger("pipeline.launch")
 
@@ -90,6 +91,9 @@ def resolve(req: Request) -> Submission:
         srun_args=["--kill-on-bad-exit=1"])
     if c.gpus_per_node:
         params["gpus_per_node"] = c.gpus_per_node
+    # Nodes may see other paths than this machine (node-local disks): noted here, checked on every rank at start.
+    for line in preflight.problems(cfg)[0]:
+        print(f"note: {line} (on this machine; every rank checks again at start)", file=sys.stderr)
     return Submission(cfg=cfg, cluster=c, nodes=req.nodes, world_size=world, time_min=params["time"],
                       folder=Path(cfg.run.dir) / "slurm" / "%j", parameters=params)
 

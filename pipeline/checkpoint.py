@@ -8,8 +8,7 @@ only then replaces `latest` (write + fsync + rename). `latest` has DeepSpeed's f
 `engine.load_checkpoint(CKPT)` and DeepSpeed's zero_to_fp32 tooling read our directories as they are.
 
 Resuming on another cluster: ZeRO-1/2/3 shards belong to the number of ranks that wrote them. A run resumed on
-another number of ranks (or another ZeRO stage from 1 to 3) first converts the checkpoint into DeepSpeed's
-universal format (`deepspeed.checkpoint.ds_to_universal`, into CKPT/step_N/universal/, once, by rank 0) and loads
+another number of ranks (at the same ZeRO stage) first converts the checkpoint into DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`, into CKPT/step_N/universal/, once, by rank 0) and loads
 that (`checkpoint.load_universal`); ZeRO-0 checkpoints hold whole states and load on any number of ranks. The
 ranks' own files (RNG states, data positions) then no longer map one to one: the RNGs are seeded afresh, and the
 data positions of all old ranks are re-laid onto the new streams (pipeline/data.py `relayout`).
@@ -165,11 +164,11 @@ def find(root: Path, world_size: int, zero_stage: int) -> Resume | None:
         return None
     state = read_state(path)
     saved_stage, saved_world = state.get("zero_stage", 0), state.get("world_size", 1)
-    if (saved_stage == 0) != (zero_stage == 0):
-        raise ConfigError(f"zero.stage={zero_stage}, but {path} was saved at ZeRO-{saved_stage}: a checkpoint without "
-                          "ZeRO (stage 0) resumes only at stage 0, and a ZeRO one only at stages 1-3")
+    if saved_stage != zero_stage:  # DeepSpeed's universal loader finds no model files of another stage's layout
+        raise ConfigError(f"zero.stage={zero_stage}, but {path} was saved at ZeRO-{saved_stage}: resume it at "
+                          f"zero.stage={saved_stage} (any number of ranks)")
     return Resume(path, state, same_ranks=saved_world == world_size,
-                  universal=zero_stage > 0 and (saved_world != world_size or saved_stage != zero_stage))
+                  universal=zero_stage > 0 and saved_world != world_size)
 
 
 def to_universal(resume: Resume, rank: int, workers: int = 1) -> Path:

@@ -1,7 +1,8 @@
 """Everything a run will read, checked before its first step: a run never trains for hours and then fails on a
 path it could have checked at start.
 
-What is checked: the shard specs (`data.train`, `data.val`), and every config key whose dataclass field declares
+What is checked: the checkpoint the run would resume from (`latest` readable, saved at this ZeRO stage), the shard
+specs (`data.train`, `data.val`), and every config key whose dataclass field declares
 `metadata={"path": KIND}`: KIND "file" or "dir" must exist, "imagefolder" must be a labelled ImageFolder tree
 (pipeline/eval/datasets.py). A family declares its own such keys in its ModelConfig (a palette, `init_from`), and
 they are checked like these. Keys marked `"read_by": "main"` are read by rank 0 alone (evaluation) and checked
@@ -57,7 +58,13 @@ def shard_problems(key: str, spec) -> tuple[list[str], list[str]]:
 
 def problems(cfg: Config, main: bool = True) -> tuple[list[str], list[str]]:
     """(errors, warnings) for what this process reads; `main`: it is the rank that evaluates."""
+    from pipeline import checkpoint
+
     errors, warnings = [], []
+    try:
+        checkpoint.find(cfg.run_dir / "checkpoints", 1, cfg.zero.stage)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        errors.append(str(e))
     for key in ("train", "val"):
         spec = getattr(cfg.data, key)
         if spec:

@@ -1,4 +1,6 @@
 """Checkpoint bookkeeping without engines: `latest`, keep-last-K, resolving what users pass on the command line."""
+import json
+
 import pytest
 
 from pipeline import checkpoint
@@ -42,3 +44,21 @@ def test_latest_and_resolve(tmp_path):
 def test_atomic_write_leaves_no_temporary(tmp_path):
     checkpoint.atomic_write_text(tmp_path / "latest", "step_000001")
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_resume_is_checked_against_the_ranks_and_the_zero_stage(tmp_path):
+    from pipeline.config import ConfigError
+
+    path = tmp_path / "step_000008"
+    path.mkdir()
+    (path / "state.json").write_text(json.dumps({"step": 8, "samples": 64, "world_size": 2, "zero_stage": 2}))
+    (tmp_path / "latest").write_text("step_000008")
+    same = checkpoint.find(tmp_path, world_size=2, zero_stage=2)
+    assert same.same_ranks and not same.universal and same.world_size == 2
+    elsewhere = checkpoint.find(tmp_path, world_size=4, zero_stage=2)
+    assert not elsewhere.same_ranks and elsewhere.universal  # ZeRO shards of 2 ranks: through the universal format
+    (path / "state.json").write_text(json.dumps({"step": 8, "samples": 64, "world_size": 2, "zero_stage": 0}))
+    assert not checkpoint.find(tmp_path, world_size=4, zero_stage=0).universal  # whole states load anywhere
+    with pytest.raises(ConfigError, match="saved at ZeRO-0: resume it at zero.stage=0"):
+        checkpoint.find(tmp_path, world_size=2, zero_stage=3)
+    assert checkpoint.find(tmp_path / "nothing", 2, 2) is None
