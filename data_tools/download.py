@@ -121,7 +121,8 @@ def prepare(spec: lists.ListSpec, out: Path, options: Options) -> tuple[lists.Ur
         check_rerun(record, settings, None, None, out)
     # img2dataset's incremental mode takes every *.json in the output folder for a `{shard}_stats.json`
     # (int(name.split("_")[0])) and crashes on any other: refuse before anything starts.
-    if foreign := sorted(f.name for f in out.glob("*.json") if f.name != MANIFEST and not f.name.split("_")[0].isdigit()):
+    foreign = sorted(f.name for f in out.glob("*.json") if f.name != MANIFEST and not f.name.split("_")[0].isdigit())
+    if foreign:
         raise DataToolsError(f"{out / foreign[0]}: img2dataset reads every *.json in --out as a shard record; "
                              f"move {', '.join(foreign)} out of {out}")
     urls = spec.prepare(out / INPUT, part_rows(options))

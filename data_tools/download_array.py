@@ -2,8 +2,8 @@
 
 Here (on the login node) the list is read and filtered once (into SHARDS/_input/, in bounded memory: url_list.py),
 and its kept rows are cut into N slices of whole shards: SHARDS/_parts/NNNNN.in/ (parquet parts), with
-SHARDS/_parts/plan.json saying how. Array task k runs img2dataset on slice k in its own folder SHARDS/_parts/NNNNN/ (img2dataset deletes its `_tmp` folder when it ends, so tasks
-cannot share one), numbering shards from k x shards-per-task: names and keys are those a single download of the
+SHARDS/_parts/plan.json saying how. Array task k runs img2dataset on slice k in its own folder SHARDS/_parts/NNNNN/
+(img2dataset deletes its `_tmp` folder when it ends, so tasks cannot share one), numbering shards from k x shards-per-task: names and keys are those a single download of the
 whole list would give. As each task ends, its finished shards move into SHARDS (the stats files stay behind too,
 so a rerun of the task skips them). The merge job then writes SHARDS/manifest.json for the whole list: rows of
 tasks that failed count as missing, and rerunning the same command redoes only the unfinished shards.

@@ -231,7 +231,7 @@ def _check_columns(path: Path, names: list[str], wanted: list[str]) -> None:
 def _filter(batch: pa.Table, columns: Columns, keep: RowFilter) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
     """One batch -> (url, caption, reason to drop or null, caption longer than --max-caption-chars), before
     deduplication. url and caption are trimmed, the caption is the first non-empty caption column, not cut yet."""
-    text, valid = {}, pa.array([True] * batch.num_rows, pa.bool_())
+    text, valid = {}, pa.array(np.ones(batch.num_rows, bool))
     for name in dict.fromkeys([columns.url, *columns.captions] + ([columns.language] if keep.languages else [])):
         column, ok = _as_text(batch.column(name))
         text[name], valid = column, pc.and_(valid, ok)

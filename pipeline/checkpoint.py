@@ -8,10 +8,11 @@ only then replaces `latest` (write + fsync + rename). `latest` has DeepSpeed's f
 `engine.load_checkpoint(CKPT)` and DeepSpeed's zero_to_fp32 tooling read our directories as they are.
 
 Resuming on another cluster: ZeRO-1/2/3 shards belong to the number of ranks that wrote them. A run resumed on
-another number of ranks (at the same ZeRO stage) first converts the checkpoint into DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`, into CKPT/step_N/universal/, once, by rank 0) and loads
-that (`checkpoint.load_universal`); ZeRO-0 checkpoints hold whole states and load on any number of ranks. The
-ranks' own files (RNG states, data positions) then no longer map one to one: the RNGs are seeded afresh, and the
-data positions of all old ranks are re-laid onto the new streams (pipeline/data.py `relayout`).
+another number of ranks (at the same ZeRO stage) first converts the checkpoint into DeepSpeed's universal format
+(`deepspeed.checkpoint.ds_to_universal`, into CKPT/step_N/universal/, once, by rank 0) and loads that
+(`checkpoint.load_universal`); ZeRO-0 checkpoints hold whole states and load on any number of ranks. The ranks'
+own files (RNG states, data positions) then no longer map one to one: the RNGs are seeded afresh, and the data
+positions of all old ranks are re-laid onto the new streams (pipeline/data.py `relayout`).
 """
 from __future__ import annotations
 

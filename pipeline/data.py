@@ -369,13 +369,14 @@ def relayout(saved: list[dict], spec, *, rank: int, world_size: int, num_workers
         if not resampled:  # the shards of its share it had not opened yet in this epoch
             mine = epoch_order(urls, seed, st.stream, len(old), st.epoch)
             left += [[u, None, 0] for u in mine[st.cursor:]]
-    for i, state in enumerate(fresh):
+    for state in fresh:
         sid = state["stream"]
         # Epoch mode: this epoch's share was the old streams'; the queue finishes it, then the next epoch begins.
         state.update(queue=left[sid::streams], epoch=max(st.epoch for st in old),
                      cursor=0 if resampled else len(urls[sid::streams]),
                      skipped=sum(st.skipped for st in old) if sid == 0 else 0)
     if rank == 0:
+        partly = sum(q[1] is not None for q in left)
         log.info("data position: %d streams re-laid onto %d (%d ranks x %d workers): %d shards carried over "
-                 "(%d partly read)", len(old), streams, world_size, slots, len(left), sum(q[1] is not None for q in left))
+                 "(%d partly read)", len(old), streams, world_size, slots, len(left), partly)
     return {"num_workers": num_workers, "shards": fingerprint(srcs, resampled), "streams": fresh}

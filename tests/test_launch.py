@@ -83,6 +83,8 @@ def test_dry_run_prints_the_sbatch_script_and_config_and_submits_nothing(tmp_pat
                  "precision: fp16", "device: cuda", "lr: 0.0003", f"dir: {run_dir}"):
         assert line in out, line
     assert "#SBATCH --partition" not in out  # the profile leaves the cluster's default partition
+    # paths are checked where the job runs; the submitting machine's view is a note, not a refusal
+    assert "note: data.train=/data/{00000..09999}.tar: none of its 10000 shards exists" in r.stderr
     srun = next(ln for ln in out.splitlines() if ln.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "-m submitit.core._submit" in srun
     assert not run_dir.exists()

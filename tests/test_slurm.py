@@ -307,7 +307,7 @@ def test_cancel_a_run(slurm_cluster, corpus, tmp_path):
 
 def test_sbatch_refusal_is_one_line(slurm_cluster, corpus, tmp_path):
     r = launch("slurm", "configs/clip/tiny_cpu.yaml", "--cluster", "cpu", "--partition", "nosuch",
-               f"data.train={corpus}/00000.tar", f"run.dir={tmp_path}/run", check=False)
+               f"data.train={corpus}/00000.tar", f"run.dir={tmp_path}/run", "eval.zeroshot=null", check=False)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: sbatch refused the job:"), r.stderr
     assert "partition" in r.stderr.lower()
