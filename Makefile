@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo demo-vit test test-fast clean
 
 install: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 demo: install
 	PY=$(PY) bash scripts/demo.sh
+
+demo-vit: install
+	PY=$(PY) bash scripts/demo_vit.sh
 
 test: install
 	$(PY) -m pytest -q

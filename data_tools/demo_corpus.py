@@ -43,7 +43,7 @@ CAPTION_FORMS = (
     "{thing}", "a photo of {thing}", "an image of {thing}", "a drawing of {thing}",
     "a picture showing {thing}", "there is {thing}", "{noun}",
 )
-VERSION = 1  # bump when rendering or captions change, so old corpora are regenerated
+VERSION = 2  # bump when rendering, captions or the files written change, so old corpora are regenerated
 SUPERSAMPLE = 4  # draw large then box-downsample: anti-aliased edges
 
 
@@ -135,6 +135,9 @@ def make_corpus(out: str | Path, n_train: int = 4000, n_val: int = 640, seed: in
             img.save(out / name, quality=90)
         if split == "train":
             pd.DataFrame(rows).to_parquet(out / "train.parquet", index=False)
+            # the same images with their class: `data_tools from-folder CORPUS --csv CORPUS/labels.csv` (ViT)
+            pd.DataFrame(rows)[["image", "label"]].rename(columns={"image": "path"}).to_csv(out / "labels.csv",
+                                                                                          index=False)
     (out / "val/classnames.txt").write_text("".join(c.replace("_", " ") + "\n" for c in CLASSES))
     (out / "val/zeroshot_classification_templates.txt").write_text("".join(t + "\n" for t in TEMPLATES))
     meta_file.write_text(json.dumps(params, indent=1))

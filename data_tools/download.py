@@ -31,12 +31,6 @@ SHARD_SETTINGS = ("image_size", "resize_mode", "number_sample_per_shard", "min_i
 INPUT = "_input"  # the kept rows as parquet parts, as img2dataset reads them (kept for reruns: same rows, same shards)
 RECORD = "download.json"  # in INPUT, written before img2dataset starts: the record a rerun is checked against
 PART_ROWS = 1_000_000  # rows per part: what img2dataset holds in memory at once
-# Image side per target model: CLIP towers train at their open_clip image_size (random-resized crops of the whole
-# image, so the stored image keeps its ratio), ImageGPT at its palette resolution (centre crops, square).
-TARGETS = {"ViT-B-32": 224, "ViT-B-16": 224, "ViT-L-14": 224, "ViT-L-14-336": 336, "RN50": 224, "RN101": 224,
-           "RN50x4": 288, "RN50x16": 384, "RN50x64": 448, "vit-224": 224, "vit-384": 384,
-           "igpt-32": 32, "igpt-48": 48, "igpt-64": 64}
-
 
 @dataclass
 class Options:
@@ -245,11 +239,23 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def target_size(target: str) -> tuple[int, str]:
+    """--target: the image side and resize mode the model family asks for (a training config, or a model name
+    of any family: the task registry knows; data_tools names none)."""
+    from pipeline.config import ConfigError
+    from pipeline.tasks import input_size
+
+    try:
+        return input_size(target)
+    except ConfigError as e:
+        raise DataToolsError(str(e)) from None
+
+
 def options_from(args: argparse.Namespace) -> Options:
     size, mode = args.image_size, args.resize_mode
     if args.target:
-        size = size or TARGETS[args.target]
-        mode = mode or ("center_crop" if args.target.startswith("igpt") else "keep_ratio")
+        target_side, target_mode = target_size(args.target)
+        size, mode = size or target_side, mode or target_mode
     return Options(image_size=size or 64, resize_mode=mode or "border", samples_per_shard=args.samples_per_shard,
                    processes=args.processes, threads=args.threads, timeout=args.timeout, retries=args.retries,
                    min_image_size=args.min_image_size, max_aspect_ratio=args.max_aspect_ratio,
@@ -312,10 +318,12 @@ def add_parser(subparsers) -> None:
     g.add_argument("--prepare-only", action="store_true",
                    help="read, filter and deduplicate the list into SHARDS/_input/, print the counts, download nothing")
     g = p.add_argument_group("images and shards")
-    g.add_argument("--target", choices=sorted(TARGETS), help="image size and resize mode for this model")
+    g.add_argument("--target", metavar="CONFIG_OR_MODEL",
+                   help="image size and resize mode for this training config (configs/vit/b16.yaml) or model "
+                        "(ViT-L-14-336, vit_large_patch16_224)")
     g.add_argument("--image-size", type=int, help="default: the target's, else 64")
     g.add_argument("--resize-mode", choices=("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"),
-                   help="default: keep_ratio for CLIP/ViT targets, center_crop for igpt, else border")
+                   help="default: the target's (keep_ratio for CLIP and ViT), else border")
     g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller")
     g.add_argument("--max-aspect-ratio", type=float, default=math.inf, help="drop images longer than this x wider")
     g.add_argument("--max-image-area", type=float, default=Options.max_image_area,

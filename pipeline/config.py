@@ -58,7 +58,8 @@ class OptimConfig:
     warmup_steps: int = 2000
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    decay: str = "cosine"  # after the warmup: cosine | linear
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
 
 
@@ -86,11 +87,11 @@ class ZeroConfig:
 
 @dataclass
 class EvalConfig:
-    # local labelled dataset, evaluated every `every` steps and at the end; `path` metadata: checked at start
-    # (pipeline/preflight.py), by rank 0, which evaluates
-    zeroshot: Optional[str] = field(default=None, metadata={"path": "imagefolder", "read_by": "main"})
-    every: int = 0
+    """Keys every family shares; each task extends it with what its evaluation reads (Task.EvalConfig)."""
+
+    every: int = 0  # evaluate every N steps (0: only at the end), when the task has something to evaluate
     batch_size: int = 64
+    num_workers: int = 2  # loader processes of the evaluation (rank 0's, while it evaluates)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def _build(raw: dict, over, source: str) -> Config:
         raise ConfigError(f"{source}: missing key 'task' (e.g. task: clip)")
     task = get_task(task_name)
     try:
-        schema = OmegaConf.structured(Config(model=task.ModelConfig()))
+        schema = OmegaConf.structured(Config(model=task.ModelConfig(), eval=task.EvalConfig()))
         return OmegaConf.to_object(OmegaConf.merge(schema, raw, over))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{source}: {_one_line(e)}") from None
@@ -227,6 +228,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, device: Optional[str
                               f"{torch.cuda.get_device_name()} (use train.precision=fp16, with loss scaling)")
     if device == "cpu" and t.device == "cuda":
         raise ConfigError("train.device=cuda but no CUDA device is available")
+    if cfg.optim.decay not in ("cosine", "linear"):
+        raise ConfigError(f"optim.decay={cfg.optim.decay!r}: must be cosine or linear")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={cfg.optim.min_lr_ratio}: must be within [0, 1]")
     if len(cfg.optim.betas) != 2:

@@ -44,15 +44,16 @@ def ds_config(cfg: Config, world_size: int, universal: bool = False) -> dict[str
 
 
 def lr_lambda(cfg: Config):
-    """Linear warmup, then cosine decay from lr to lr * min_lr_ratio at train.steps. Step-indexed, so a
-    resumed run gets the same LR as an uninterrupted one."""
+    """Linear warmup, then cosine (CLIP) or linear (ViT) decay from lr to lr * min_lr_ratio at train.steps.
+    Step-indexed, so a resumed run gets the same LR as an uninterrupted one."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+    linear = cfg.optim.decay == "linear"
 
     def fn(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * ((1 - progress) if linear else 0.5 * (1 + math.cos(math.pi * progress)))
 
     return fn
 

@@ -31,6 +31,12 @@ class Metrics:
                 if v is not None:
                     self.writer.add_scalar(k, v, step)
 
+    def images(self, step: int, images: dict) -> None:
+        """name -> a (3, H, W) image tensor, uint8 or float in [0, 1]."""
+        if self.writer is not None:
+            for name, image in images.items():
+                self.writer.add_image(name, image, step)
+
     def log_window(self, step: int, values: dict[str, float]) -> dict[str, float]:
         """Adds throughput over the window since the last call, then writes everything (rank 0)."""
         now = time.perf_counter()

@@ -3,10 +3,12 @@ path it could have checked at start.
 
 What is checked: the checkpoint the run would resume from (`latest` readable, saved at this ZeRO stage), the shard
 specs (`data.train`, `data.val`), and every config key whose dataclass field declares
-`metadata={"path": KIND}`: KIND "file" or "dir" must exist, "imagefolder" must be a labelled ImageFolder tree
+`metadata={"path": KIND}`: KIND "file", "dir" or "exists" (either) must exist, "imagefolder" must be a labelled
+ImageFolder tree
 (pipeline/eval/datasets.py). A family declares its own such keys in its ModelConfig (a palette, `init_from`), and
 they are checked like these. Keys marked `"read_by": "main"` are read by rank 0 alone (evaluation) and checked
-there; the rest on every rank, since a path can exist on one node and not on another (node-local disks).
+there; the rest on every rank, since a path can exist on one node and not on another (node-local disks). Keys
+marked `"read": "at start"` (initial weights) are read only by a run that starts, not by one that resumes.
 
 `check` is a collective in the trainer: every rank checks what it reads, rank 0 learns every rank's problems, and
 all ranks raise the same ConfigError, one line per problem with the ranks it concerns.
@@ -61,8 +63,9 @@ def problems(cfg: Config, main: bool = True) -> tuple[list[str], list[str]]:
     from pipeline import checkpoint
 
     errors, warnings = [], []
+    resuming = False
     try:
-        checkpoint.find(cfg.run_dir / "checkpoints", 1, cfg.zero.stage)
+        resuming = checkpoint.find(cfg.run_dir / "checkpoints", 1, cfg.zero.stage) is not None
     except (ConfigError, FileNotFoundError, ValueError) as e:
         errors.append(str(e))
     for key in ("train", "val"):
@@ -72,7 +75,7 @@ def problems(cfg: Config, main: bool = True) -> tuple[list[str], list[str]]:
             errors += e
             warnings += w
     for key, value, meta in path_keys(cfg):
-        if meta.get("read_by") == "main" and not main:
+        if (meta.get("read_by") == "main" and not main) or (meta.get("read") == "at start" and resuming):
             continue
         kind = meta["path"]
         if kind == "imagefolder":
@@ -86,6 +89,8 @@ def problems(cfg: Config, main: bool = True) -> tuple[list[str], list[str]]:
             errors.append(f"{key}={value}: directory not found")
         elif kind == "file" and not os.path.isfile(value):
             errors.append(f"{key}={value}: file not found")
+        elif kind == "exists" and not os.path.exists(value):
+            errors.append(f"{key}={value}: no such file or directory")
     return errors, warnings
 
 

@@ -78,8 +78,8 @@ def train(cfg: config.Config, device: str) -> dict:
                     "step": step, "samples": samples, "world_size": info.world_size, "zero_stage": cfg.zero.stage,
                     "model": cfg.model.name, "config": config.to_dict(cfg)}, {"data": stream.state_dict()},
                     cfg.train.keep_last)
-            if cfg.eval.zeroshot and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0):
-                last.update(_zeroshot(cfg, task, engine, step, metrics, info, device))
+            if task.evaluates() and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0):
+                last.update(_evaluate(cfg, task, engine, step, metrics, info, device))
             if stop:
                 if info.is_main:
                     log.info("stop requested: saved step %d, leaving the loop", step)
@@ -87,8 +87,8 @@ def train(cfg: config.Config, device: str) -> dict:
         metrics.hparams({"model": cfg.model.name, "lr": cfg.optim.lr, "global_batch_size": cfg.train.global_batch_size,
                          "zero_stage": cfg.zero.stage, "precision": cfg.train.precision,
                          "world_size": info.world_size},
-                        {f"hparam/{k.split('/')[1]}": v for k, v in last.items()
-                         if k in ("train/loss", "eval/zeroshot_top1")})
+                        {f"hparam/{k.split('/', 1)[1]}": v for k, v in last.items()
+                         if k == "train/loss" or k.startswith("eval/")})
     faults.disarm()  # from here ranks end one by one, the store's host among them: that is no failure
     dist.barrier()
     return {**last, "step": step, "stopped": step < cfg.train.steps}
@@ -101,7 +101,7 @@ def _start(cfg: config.Config, task, info, device: str, ckpt_dir) -> tuple[Engin
     elsewhere = resume is not None and not resume.same_ranks
     _seed(cfg.train.seed, info.rank, salt=resume.state["step"] if elsewhere else 0)
     with model_init(cfg, info.world_size, task.zero_init):
-        model = task.build_model()
+        model = task.build_model(initial=resume is None)
     if resume and resume.universal:
         checkpoint.to_universal(resume, info.rank, workers=max(1, (os.cpu_count() or 1) // info.local_world_size))
     engine = Engine(cfg, model, task.param_groups(model), device, info.world_size,
@@ -194,25 +194,22 @@ def _memory(device: str, world_size: int) -> dict[str, float]:
     return out
 
 
-def _zeroshot(cfg, task, engine, step, metrics, info, device) -> dict[str, float]:
-    """Zero-shot accuracy on cfg.eval.zeroshot, computed on rank 0 while the others wait."""
+def _evaluate(cfg, task, engine, step, metrics, info, device) -> dict[str, float]:
+    """The task's evaluation, on rank 0 with the whole model (ZeRO-3 gathers it) while the other ranks wait."""
     import deepspeed
 
-    from pipeline.eval.zeroshot import evaluate
-
     result = {}
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, enabled=cfg.zero.stage == 3):
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=cfg.zero.stage == 3):
         if info.is_main:
             faults.inject("eval", step, info.rank)
             engine.model.eval()
-            r = evaluate(engine.module, task.tokenizer, cfg.eval.zeroshot, task.image_transform(train=False),
-                         batch_size=cfg.eval.batch_size, device=device, dtype=engine.dtype)
+            with torch.no_grad():
+                r = task.evaluate(engine.module, device, engine.dtype)
             engine.model.train()
-            result = {"eval/zeroshot_top1": r["top1"], "eval/zeroshot_top5": r["top5"]}
-            metrics.scalars(step, result)
-            log.info("step %d | zero-shot %s: top1 %.4f top5 %.4f (chance %.4f)", step, r["dataset"], r["top1"],
-                     r["top5"], r["chance"])
+            result = r.scalars
+            metrics.scalars(step, r.scalars)
+            metrics.images(step, r.images)
+            log.info("step %d | %s", step, r.summary or " ".join(f"{k} {v:.4g}" for k, v in r.scalars.items()))
     dist.barrier()
     return result
 

@@ -190,6 +190,7 @@ def test_cli_errors(served, tmp_path, capsys):
         ([str(tmp_path / "urls.xlsx")], "urls.xlsx: unsupported format"),
         ([str(root / "urls.csv"), "--language", "en"], "--language needs --language-col"),
         ([str(root / "urls.csv"), "--preset", "wit"], "no column 'image_url'"),
+        ([str(root / "urls.csv"), "--target", "ViT-Q-99"], "--target ViT-Q-99: neither a config file nor a model"),
     ]
     for args, needle in cases:
         assert main(["download", *args, "--out", str(tmp_path / "shards")]) == 2, args
@@ -329,9 +330,11 @@ def test_cut_short_jpegs_told_from_whole_ones():
 
 @pytest.mark.parametrize("flags, size, mode", [
     (["--target", "ViT-L-14-336"], 336, "keep_ratio"), (["--target", "RN50x64"], 448, "keep_ratio"),
-    (["--target", "igpt-32"], 32, "center_crop"), (["--target", "igpt-64", "--image-size", "80"], 80, "center_crop"),
+    (["--target", "vit_huge_patch14_224"], 224, "keep_ratio"), (["--target", "configs/vit/tiny_cpu.yaml"], 32, "keep_ratio"),
+    (["--target", "ViT-B-32", "--image-size", "80", "--resize-mode", "center_crop"], 80, "center_crop"),
     ([], 64, "border")])
 def test_target_presets_and_limits_reach_img2dataset(flags, size, mode):
+    """--target asks the task registry (pipeline/tasks): a model name of any family or a training config."""
     from data_tools.cli import build_parser
     from data_tools.download import options_from
 

@@ -1,8 +1,13 @@
-"""`python -m pipeline.eval zeroshot --checkpoint RUN_OR_CHECKPOINT --dataset PATH [--dataset PATH ...] [--out DIR]`.
+"""`python -m pipeline.eval zeroshot|classify|vit-figures --checkpoint RUN_OR_CHECKPOINT ...`.
 
-Each dataset's result is written to OUT/zeroshot/NAME.json as it finishes; OUT/zeroshot.json and .md gather them.
-With `--slurm CLUSTER` each dataset is one task of a SLURM job array (one GPU each on GPU clusters) and a merge job
-gathers them when all have ended; datasets already evaluated for the same checkpoint step are not run again.
+zeroshot (CLIP): each dataset's result is written to OUT/zeroshot/NAME.json as it finishes; OUT/zeroshot.json and
+.md gather them. With `--slurm CLUSTER` each dataset is one task of a SLURM job array (one GPU each on GPU clusters)
+and a merge job gathers them when all have ended; datasets already evaluated for the same checkpoint step are not
+run again.
+classify (ViT): top-1, top-5 and mean per-class accuracy on labelled shards or ImageFolder trees -> OUT/classify.json
+and .md.
+vit-figures: the ViT paper's Figure 7 (pipeline/eval/figures.py) as PNGs in OUT/figures/ and images in the run's
+TensorBoard at the checkpoint's step.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     state = checkpoint.read_state(ckpt)
     cfg = config.from_dict(state["config"], source=str(ckpt / checkpoint.STATE))
     task = get_task(cfg.task)(cfg)
-    model = task.build_model()
+    model = task.build_model(initial=False)
     model.load_state_dict(checkpoint.consolidated_state_dict(ckpt))
     return cfg, task, model.to(device).eval(), ckpt
 
@@ -127,6 +132,91 @@ def zeroshot(args) -> int:
     return _print(job.gather(paths), out)
 
 
+def classify(args) -> int:
+    from pipeline.eval.classify import classify as accuracy
+    from pipeline.eval.classify import labelled_batches, write_report
+
+    ckpt = checkpoint.resolve(args.checkpoint).resolve()
+    device = args.device or _default_device()
+    cfg, task, model, _ = load_model(ckpt, device)
+    results = []
+    for dataset in args.dataset:
+        batches = labelled_batches(dataset, task.transform(train=False), args.batch_size, args.workers)
+        r = accuracy(model, batches, cfg.model.num_classes, task.normalize, device)
+        results.append({"dataset": _dataset_name(dataset), "path": dataset, **r})
+        print(f"{dataset}: top-1 {r['top1']:.2%} top-5 {r['top5']:.2%} mean per class {r['mean_per_class']:.2%} "
+              f"({r['n']} images, chance {r['chance']:.2%})")
+    out = Path(args.out) if args.out else ckpt.parent.parent / "eval"
+    json_path, _ = write_report(results, out, checkpoint=str(ckpt), step=checkpoint.read_state(ckpt)["step"])
+    print(f"-> {json_path}")
+    return 0
+
+
+def vit_figures(args) -> int:
+    """Figure 7 of the ViT paper for a checkpoint, over the images under --images."""
+    from pipeline.eval import figures
+    from pipeline.metrics import Metrics
+
+    ckpt = checkpoint.resolve(args.checkpoint).resolve()
+    device = args.device or _default_device()
+    cfg, task, model, _ = load_model(ckpt, device)
+    if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
+        raise ValueError(f"{ckpt}: vit-figures reads a ViT (task: vit), this checkpoint holds task {cfg.task}")
+    images = torch.stack([task.image_transform(train=False)(img) for img in _images(args.images, args.max_images)])
+    grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
+    components, variance = figures.filter_components(model.patch_embed.proj.weight.cpu())
+    similarity = figures.position_similarity(model.pos_embed[0, model.num_prefix_tokens:].cpu(), grid)
+    distances = []
+    for start in range(0, len(images), args.batch_size):
+        maps = figures.attention_maps(model, images[start:start + args.batch_size].to(device))
+        distances.append(torch.stack([figures.attention_distance(a, grid, patch, model.num_prefix_tokens).cpu()
+                                      for a in maps]) * len(maps[0]))
+    distances = torch.stack(distances).sum(0) / len(images)  # (layers, heads), the mean over all images
+    drawn = {"embedding_filters": figures.draw_components(components),
+             "position_similarity": figures.draw_similarity(similarity),
+             "attention_distance": figures.draw_distances(list(distances), task.image_size)}
+    out = (Path(args.out) if args.out else ckpt.parent.parent / "eval") / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, image in drawn.items():
+        image.save(out / f"{name}.png")
+    (out / "attention_distance.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt), "images": len(images), "patch_size": patch,
+         "distance_px": distances.tolist(), "filter_variance": variance.tolist()}, indent=1) + "\n")
+    step = checkpoint.read_state(ckpt)["step"]
+    metrics = Metrics(ckpt.parent.parent / "tb", enabled=True)
+    metrics.images(step, {f"figures/{name}": figures.to_chw(image) for name, image in drawn.items()})
+    metrics.close()
+    print(f"{len(images)} images; figures -> {out} (and TensorBoard, step {step})")
+    return 0
+
+
+def _images(path: str, limit: int):
+    """PIL images under a directory (recursively) or in shards (a spec), at most `limit`."""
+    from pipeline.data import decode_image, expand_urls, to_sample
+    from pipeline.shards import open_shard
+
+    found = []
+    if Path(path).is_dir():
+        files = sorted(f for f in Path(path).rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        found = [decode_image(f.read_bytes()) for f in files[:limit]]
+    else:
+        for url in expand_urls(path):
+            shard = open_shard(url, perm_seed=0)
+            while not shard.done() and len(found) < limit:
+                found.append(to_sample(shard.next())["image"])
+            shard.close()
+    if not found:
+        raise FileNotFoundError(f"--images {path}: no images there")
+    return found
+
+
+def _dataset_name(path: str) -> str:
+    """An ImageFolder's directory name, or the directory of a shard spec's shards."""
+    from pipeline.data import expand_urls
+
+    return Path(path).name if Path(path).is_dir() else Path(expand_urls(path)[0]).parent.name
+
+
 def main(argv=None) -> int:
     from launch import array
 
@@ -142,8 +232,26 @@ def main(argv=None) -> int:
     z.add_argument("--workers", type=int, default=2)
     z.add_argument("--device", help="default: cuda when there is one, else cpu")
     array.add_arguments(z, "one array task per dataset")
+    c = sub.add_parser("classify", help="top-1/top-5 of a classifier (ViT) on labelled shards or ImageFolder trees")
+    c.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
+    c.add_argument("--dataset", required=True, action="append", help="labelled shards (a spec) or an ImageFolder")
+    c.add_argument("--out", help="output dir (default: RUN/eval)")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--device", help="default: cuda when there is one, else cpu")
+    f = sub.add_parser("vit-figures", help="the ViT paper's Figure 7: filters, position embeddings, attention")
+    f.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
+    f.add_argument("--images", required=True, help="a directory of images, or shards, for the attention distance")
+    f.add_argument("--max-images", type=int, default=128, help="the paper averages over 128 images")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--out", help="output dir (default: RUN/eval; the figures go to OUT/figures/)")
+    f.add_argument("--device", help="default: cuda when there is one, else cpu")
     args = parser.parse_args(argv)
     try:
+        if args.command == "classify":
+            return classify(args)
+        if args.command == "vit-figures":
+            return vit_figures(args)
         return zeroshot(args)
     except (FileNotFoundError, ValueError, config.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

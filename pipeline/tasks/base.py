@@ -1,13 +1,25 @@
 """The interface every model family implements; `pipeline/train.py` knows nothing else about a family."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from pipeline import config
 from pipeline.config import Config, ModelConfig
+
+
+@dataclass
+class Evaluation:
+    """A family's evaluation during training: scalars for TensorBoard (`eval/...`), images (name -> a (3, H, W)
+    tensor, uint8 or float in [0, 1]) and one line for the log."""
+
+    scalars: dict[str, float]
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    summary: str = ""
 
 _NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
 _NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "pos_embed", "cls_token", "logit_scale", "wpe", "wte")
@@ -15,6 +27,7 @@ _NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "pos_embed", "cls_
 
 class Task:
     ModelConfig: type[ModelConfig] = ModelConfig
+    EvalConfig: type[config.EvalConfig] = config.EvalConfig  # the family's eval.* keys
     # True when every module initialises only its own parameters, in its own __init__: then ZeRO-3 may partition
     # parameters while the model is built (deepspeed.zero.Init), which would skip a parent's re-initialisation
     # of its children's weights.
@@ -28,8 +41,9 @@ class Task:
     def check(cls, cfg: Config) -> None:
         """Refuse, with a ConfigError, what only the family knows is impossible (an unknown model name...)."""
 
-    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
-        """device="meta" sizes the model without allocating it (--describe, launch plan)."""
+    def build_model(self, device: str | torch.device = "cpu", initial: bool = True) -> nn.Module:
+        """device="meta" sizes the model without allocating it (--describe, launch plan). `initial`: load the
+        weights the config starts from (fine-tuning); False when a checkpoint's weights come next."""
         raise NotImplementedError
 
     def transform(self, train: bool) -> Callable[[dict], dict]:
@@ -65,6 +79,25 @@ class Task:
 
     def after_step(self, engine) -> None:
         """Called after each optimizer step (e.g. clamping CLIP's temperature)."""
+
+    def evaluates(self) -> bool:
+        """Whether the config gives this family something to evaluate during training (every eval.every steps and
+        at the end)."""
+        return False
+
+    def evaluate(self, model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> Evaluation:
+        """The family's evaluation of `model` (whole, in eval mode), on rank 0 while the other ranks wait."""
+        raise NotImplementedError
+
+    def input_size(self) -> tuple[int, str]:
+        """(image side, img2dataset resize mode) this run's data is best stored at (`data_tools download --target
+        CONFIG`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def input_size_of(cls, model_name: str) -> tuple[int, str] | None:
+        """The same for a model name of this family (`--target ViT-L-14-336`), or None when it is not one."""
+        return None
 
     def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
         """Write a consolidated fp32 state dict in the family's library format (open_clip, timm...)."""

@@ -10,8 +10,9 @@ import functools
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import open_clip
 import torch
@@ -23,7 +24,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
 
 from pipeline import config
-from pipeline.tasks.base import Task
+from pipeline.tasks.base import Evaluation, Task
 
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "models" / "open_clip_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # our tiny CPU configs beside open_clip's RN50 ... ViT-L-14-336
@@ -45,6 +46,13 @@ MAX_LOGIT_SCALE = math.log(100)  # the paper clips the temperature so logits are
 
 
 @dataclass
+class ClipEvalConfig(config.EvalConfig):
+    # Local labelled dataset (ImageFolder + classnames.txt), zero-shot top-1/top-5 during training; checked at
+    # start by rank 0, which evaluates (pipeline/preflight.py)
+    zeroshot: Optional[str] = field(default=None, metadata={"path": "imagefolder", "read_by": "main"})
+
+
+@dataclass
 class ClipModelConfig(config.ModelConfig):
     local_loss: bool = False  # each rank scores its own images against all texts: O(n) instead of O(n^2)/rank
     gather_with_grad: bool = True  # all-gather features with gradients (required for exact gradients)
@@ -53,6 +61,7 @@ class ClipModelConfig(config.ModelConfig):
 
 class ClipTask(Task):
     ModelConfig = ClipModelConfig
+    EvalConfig = ClipEvalConfig
     # open_clip's TextTransformer.init_parameters() re-initialises its children's weights after they are built:
     # under zero.Init those are already partitioned and the re-initialisation silently does nothing. CLIP towers
     # (at most 623M parameters, RN50x64) are built whole in host memory and partitioned by deepspeed.initialize.
@@ -70,7 +79,7 @@ class ClipTask(Task):
         self.tokenizer = open_clip.get_tokenizer(cfg.model.name)
         self._loss = None
 
-    def build_model(self, device="cpu") -> nn.Module:
+    def build_model(self, device="cpu", initial=True) -> nn.Module:
         with torch.device(device):
             model = open_clip.create_model(self.cfg.model.name, device=device, output_dict=True)
         # Before deepspeed.initialize, which cannot broadcast a 0-dim parameter (module docstring).
@@ -109,8 +118,31 @@ class ClipTask(Task):
         return loss, {"logit_scale": out["logit_scale"].detach().float().item()}
 
     def decode_size(self) -> int:
-        size = open_clip.get_model_config(self.cfg.model.name)["vision_cfg"]["image_size"]
-        return max(size) if isinstance(size, (list, tuple)) else size
+        return self.input_size()[0]
+
+    def input_size(self) -> tuple[int, str]:
+        return self.input_size_of(self.cfg.model.name)
+
+    @classmethod
+    def input_size_of(cls, model_name: str) -> tuple[int, str] | None:
+        """open_clip's image size; stored keeping the ratio (the train transform crops from the whole image)."""
+        if model_name not in open_clip.list_models():
+            return None
+        size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+        return (max(size) if isinstance(size, (list, tuple)) else size), "keep_ratio"
+
+    def evaluates(self) -> bool:
+        return bool(self.cfg.eval.zeroshot)
+
+    def evaluate(self, model, device, dtype) -> Evaluation:
+        from pipeline.eval.zeroshot import evaluate
+
+        r = evaluate(model, self.tokenizer, self.cfg.eval.zeroshot, self.image_transform(train=False),
+                     batch_size=self.cfg.eval.batch_size, device=device, dtype=dtype,
+                     num_workers=self.cfg.eval.num_workers)
+        return Evaluation({"eval/zeroshot_top1": r["top1"], "eval/zeroshot_top5": r["top5"]},
+                          summary=f"zero-shot {r['dataset']}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} "
+                                  f"(chance {r['chance']:.4f})")
 
     def example_batch(self, batch_size, device):
         size = open_clip.get_model_config(self.cfg.model.name)["vision_cfg"]["image_size"]
