@@ -319,11 +319,11 @@ def add_parser(subparsers) -> None:
                    help="read, filter and deduplicate the list into SHARDS/_input/, print the counts, download nothing")
     g = p.add_argument_group("images and shards")
     g.add_argument("--target", metavar="CONFIG_OR_MODEL",
-                   help="image size and resize mode for this training config (configs/vit/b16.yaml) or model "
-                        "(ViT-L-14-336, vit_large_patch16_224)")
+                   help="image size and resize mode of this training config (a YAML file) or model name, as its "
+                        "model family asks (pipeline.tasks.input_size)")
     g.add_argument("--image-size", type=int, help="default: the target's, else 64")
     g.add_argument("--resize-mode", choices=("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"),
-                   help="default: the target's (keep_ratio for CLIP and ViT), else border")
+                   help="default: the target's, else border")
     g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller")
     g.add_argument("--max-aspect-ratio", type=float, default=math.inf, help="drop images longer than this x wider")
     g.add_argument("--max-image-area", type=float, default=Options.max_image_area,

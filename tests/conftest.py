@@ -29,3 +29,16 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def corpus_shards(corpus):
     return f"{corpus}/{{00000..00003}}.tar"
+
+
+@pytest.fixture(scope="session")
+def labelled_shards(corpus):
+    """The corpus as labelled shards for ViT (`data_tools from-folder` of its labels.csv, shuffled into 4 shards);
+    its held-out split is labelled_shards.parent / "val" / "00000.tar"."""
+    from data_tools.cli import main
+
+    out = corpus / "labelled"
+    assert main(["from-folder", str(corpus), "--csv", str(corpus / "labels.csv"), "--out", str(out / "train"),
+                 "--samples-per-shard", "300", "--shuffle"]) == 0
+    assert main(["from-folder", str(corpus / "val"), "--out", str(out / "val"), "--samples-per-shard", "1000"]) == 0
+    return f"{out}/train/{{00000..00003}}.tar"

@@ -1,5 +1,6 @@
 """Exact resume on real processes: a run killed mid-save, then killed -9 on one rank at a random step, resumed
-each time from `latest`, ends with parameters bit-identical to an uninterrupted run (CPU, fp32, 2 ranks)."""
+each time from `latest`, ends with parameters bit-identical to an uninterrupted run (CPU, fp32, 2 ranks): CLIP,
+and ViT with mixup and cutmix (numpy's RNG, restored) and timm's RandAugment (python's, seeded per batch)."""
 import random
 import subprocess
 import sys
@@ -17,16 +18,23 @@ pytestmark = pytest.mark.slow
 STEPS = 16
 
 
-def command(run_dir, shards):
-    return [sys.executable, "-m", "launch", "local", "configs/clip/tiny_cpu.yaml", "--nproc", "2",
+FAMILIES = {
+    "clip": ["configs/clip/tiny_cpu.yaml", "eval.zeroshot=null"],
+    "vit": ["configs/vit/tiny_cpu.yaml", "data.val=null", "model.mixup=0.8", "model.cutmix=1.0",
+            "model.randaugment=rand-m9-mstd0.5", "model.label_smoothing=0.1"],
+}
+
+
+def command(run_dir, shards, family):
+    path, *extra = FAMILIES[family]
+    return [sys.executable, "-m", "launch", "local", path, "--nproc", "2",
             f"data.train={shards}", f"run.dir={run_dir}", f"train.steps={STEPS}", "train.save_every=4",
             "train.keep_last=5", "train.global_batch_size=64", "train.micro_batch_size=16",  # accumulation 2
-            "train.log_every=4", "optim.warmup_steps=3", "data.num_workers=2", "data.open_shards=2",
-            "eval.zeroshot=null"]
+            "train.log_every=4", "optim.warmup_steps=3", "data.num_workers=2", "data.open_shards=2", *extra]
 
 
-def run(run_dir, shards, env=None):
-    return subprocess.run(command(run_dir, shards), cwd=ROOT, capture_output=True, text=True, timeout=600,
+def run(run_dir, shards, family, env=None):
+    return subprocess.run(command(run_dir, shards, family), cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=env)
 
 
@@ -36,23 +44,26 @@ def final_weights(run_dir):
     return checkpoint.consolidated_state_dict(path)
 
 
-def test_killed_runs_resume_bit_identically(tmp_path, corpus_shards):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_killed_runs_resume_bit_identically(tmp_path, family, request):
     import os
 
-    r = run(tmp_path / "straight", corpus_shards)
+    shards = request.getfixturevalue("corpus_shards" if family == "clip" else "labelled_shards")
+
+    r = run(tmp_path / "straight", shards, family)
     assert r.returncode == 0, r.stderr[-4000:]
     reference = final_weights(tmp_path / "straight")
 
     killed = tmp_path / "killed"
     # 1. Killed while writing the step-8 checkpoint: `latest` still names step 4, which loads.
-    r = run(killed, corpus_shards, env={**os.environ, "PIPELINE_FAULT": "kill@save:8"})
+    r = run(killed, shards, family, env={**os.environ, "PIPELINE_FAULT": "kill@save:8"})
     assert r.returncode != 0
     ckpts = killed / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_000004"
     assert (ckpts / ".tmp-step_000008").is_dir() and not (ckpts / "step_000008").exists()
 
     # 2. Resumed from step 4, then one rank is killed -9 at a random step after the step-8 checkpoint.
-    proc = subprocess.Popen(command(killed, corpus_shards), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(killed, shards, family), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and (ckpts / "latest").read_text() != "step_000008":
@@ -65,7 +76,7 @@ def test_killed_runs_resume_bit_identically(tmp_path, corpus_shards):
     assert proc.wait(timeout=120) != 0
 
     # 3. Resumed again, it finishes; the result is the uninterrupted run's, bit for bit.
-    r = run(killed, corpus_shards)
+    r = run(killed, shards, family)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resuming from step" in r.stderr
     resumed = final_weights(killed)

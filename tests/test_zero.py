@@ -1,5 +1,6 @@
-"""Two real processes over gloo: ZeRO stages 0-3 follow the same loss trajectory, and open_clip's distributed
-CLIP loss (features all-gathered with gradients) equals the single-process loss on the concatenated batch."""
+"""Two real processes over gloo: ZeRO stages 0-3 follow the same loss trajectory (CLIP and ViT), and open_clip's
+distributed CLIP loss (features all-gathered with gradients) equals the single-process loss on the concatenated
+batch."""
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs/clip/tiny_cpu.yaml")
+TINY_VIT = str(ROOT / "configs/vit/tiny_cpu.yaml")
 WORLD, STEPS, ACCUMULATION, MICRO = 2, 5, 2, 4
 pytestmark = pytest.mark.slow
 VARIANTS = {  # CPU offload runs the optimizer in DeepSpeedCPUAdam (a JIT-built C++ op, cached after the first run)
@@ -20,10 +22,15 @@ VARIANTS = {  # CPU offload runs the optimizer in DeepSpeedCPUAdam (a JIT-built 
 
 
 def _batch(task, seed, n):
+    """Random inputs of the task's shapes: images, and token ids (CLIP) or labels (ViT)."""
     g = torch.Generator().manual_seed(seed)
     ex = task.example_batch(n, "cpu")
-    return {"image": torch.randn(ex["image"].shape, generator=g),
-            "text": torch.randint(1, 400, ex["text"].shape, generator=g)}
+    batch = {"image": torch.randn(ex["image"].shape, generator=g)}
+    if "text" in ex:
+        batch["text"] = torch.randint(1, 400, ex["text"].shape, generator=g)
+    if "label" in ex:
+        batch["label"] = torch.randint(0, task.cfg.model.num_classes, ex["label"].shape, generator=g)
+    return batch
 
 
 def _worker(rank, port, out):
@@ -33,14 +40,18 @@ def _worker(rank, port, out):
 
     from pipeline import config, distributed
     from pipeline.engine import Engine, model_init
+    from pipeline.tasks import get_task
     from pipeline.tasks.clip import ClipTask
 
     distributed.init("cpu")
     results = {"losses": {}}
-    for variant, zero in VARIANTS.items():
-        cfg = config.load(TINY, [*zero, f"train.micro_batch_size={MICRO}",
-                                 f"train.global_batch_size={MICRO * ACCUMULATION * WORLD}", "optim.warmup_steps=1"])
-        task = ClipTask(cfg)
+    runs = [("CLIP", TINY, variant, zero) for variant, zero in VARIANTS.items()]
+    runs += [("ViT", TINY_VIT, f"ZeRO-{stage}", [f"zero.stage={stage}"]) for stage in range(4)]
+    for family, path, variant, zero in runs:
+        cfg = config.load(path, [*zero, f"train.micro_batch_size={MICRO}",
+                                 f"train.global_batch_size={MICRO * ACCUMULATION * WORLD}", "optim.warmup_steps=1",
+                                 "eval.zeroshot=null" if family == "CLIP" else "data.val=null"])
+        task = get_task(cfg.task)(cfg)
         torch.manual_seed(0)
         with model_init(cfg, WORLD, task.zero_init):
             model = task.build_model()
@@ -56,7 +67,7 @@ def _worker(rank, port, out):
             task.after_step(engine)
             dist.all_reduce(total)
             losses.append(total.item() / (ACCUMULATION * WORLD))
-        results["losses"][variant] = losses
+        results["losses"][f"{family} {variant}"] = losses
 
     # Distributed loss vs one process on the whole batch, for both of open_clip's modes.
     cfg = config.load(TINY)
@@ -103,12 +114,13 @@ def results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def test_zero_stages_follow_the_same_loss_trajectory(results):
+@pytest.mark.parametrize("family,variants", [("CLIP", list(VARIANTS)), ("ViT", [f"ZeRO-{s}" for s in range(4)])])
+def test_zero_stages_follow_the_same_loss_trajectory(results, family, variants):
     losses = results[0]["losses"]
-    reference = losses["ZeRO-0"]
+    reference = losses[f"{family} ZeRO-0"]
     assert reference[-1] < reference[0]  # it trains
-    for variant in VARIANTS:
-        assert losses[variant] == pytest.approx(reference, rel=1e-5, abs=1e-6), variant
+    for variant in variants:
+        assert losses[f"{family} {variant}"] == pytest.approx(reference, rel=1e-5, abs=1e-6), variant
 
 
 @pytest.mark.parametrize("local_loss", [False, True])
