@@ -19,6 +19,7 @@ from typing import Optional
 
 import timm
 import torch
+from timm.loss import SoftTargetCrossEntropy
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
@@ -146,9 +147,8 @@ class VitTask(Task):
 
     def loss(self, model, batch):
         logits = model(batch["image"])
-        if "target" in batch:
-            loss = torch.sum(-batch["target"] * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-            return loss, {}
+        if "target" in batch:  # mixup/cutmix soft targets
+            return SoftTargetCrossEntropy()(logits.float(), batch["target"]), {}
         loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.cfg.model.label_smoothing)
         return loss, {"top1": (logits.argmax(-1) == batch["label"]).float().mean().item()}
 
