@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: install demo demo-vit test test-fast clean
+.PHONY: install demo demo-vit demo-imagegpt test test-fast clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: install
 
 demo-vit: install
 	PY=$(PY) bash scripts/demo_vit.sh
+
+demo-imagegpt: install
+	PY=$(PY) bash scripts/demo_imagegpt.sh
 
 test: install
 	$(PY) -m pytest -q

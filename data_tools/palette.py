@@ -4,9 +4,10 @@ ImageGPT (Chen et al. 2020) reads an image as a sequence of palette indices: eve
 k = 512 colours (9-bit colour: a 3 x 8-bit pixel would need a 16.7M-way softmax), the centres of k-means over
 pixels of training images downsampled to the model's resolution and scaled to [-1, 1]. So the pixels clustered
 here are exactly those the model will see: each image is decoded, converted to RGB, centre-cropped to a square
-and resized to --image-size (model_pixels(); the ImageGPT task uses the same function).
+and resized to --image-size (pipeline.models.palette.model_pixels, the ImageGPT task's own pixel path).
 
-Scale: a palette is float32, shape (k, 3), RGB in [-1, 1], uint8 value v <-> v / 127.5 - 1 (0 -> -1, 255 -> 1).
+Scale: a palette is float32, shape (k, 3), RGB in [-1, 1], uint8 value v <-> v / 127.5 - 1 (0 -> -1, 255 -> 1);
+quantisation (pixels <-> tokens) lives with the model family, in pipeline/models/palette.py.
 
 Sampling: every pixel of every readable image gets a random key and the --pixels pixels of smallest key are kept
 (bottom-k sampling: a uniform sample without replacement, in one pass, without knowing the image count first).
@@ -28,7 +29,6 @@ import json
 import itertools
 import multiprocessing
 import os
-import sys
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -41,12 +41,11 @@ from PIL import Image
 
 from data_tools import DataToolsError
 from data_tools.shards import is_remote, shard_urls
+from pipeline.models.palette import _nearest_chunks, model_pixels, to_unit
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # the sample fields read as the image, first present wins (as training)
-SCALE = 127.5  # uint8 v <-> v / SCALE - 1
 EXAMPLES_KEPT = 20  # skipped samples named in the sidecar; the counts are complete
 MAX_IMAGE_AREA = 100e6  # larger images are skipped from their header, undecoded (decompression bombs)
-CHUNK_ELEMENTS = 2**22  # pixels x centres per step of the nearest-centre search: 16 MB of float32 distances
 
 
 @dataclass
@@ -86,24 +85,6 @@ class PaletteFit:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-
-
-def model_pixels(image: Image.Image, size: int) -> np.ndarray:
-    """RGB pixels (size, size, 3) uint8 of an image as ImageGPT sees it: centre square, resized to size.
-
-    Shrinking averages areas (BOX, as OpenCV's INTER_AREA in img2dataset), so no colour appears that was not
-    mixed from the image's own; enlarging uses LANCZOS, as img2dataset does. Shards made with `download --target
-    igpt-32` are already 32 x 32 and pass through unchanged."""
-    image = image.convert("RGB")
-    w, h = image.size
-    if w != h:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    if image.size != (size, size):
-        shrink = image.size[0] > size
-        image = image.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def _decode(data: bytes, size: int) -> np.ndarray:
@@ -239,11 +220,6 @@ def sample_pixels(urls: Sequence[str], pixels: int, image_size: int, seed: int, 
 # ---------------------------------------------------------------------------------------------------- fitting
 
 
-def to_unit(pixels: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """uint8 RGB -> the palette's scale, [-1, 1]."""
-    return pixels.astype(dtype) / SCALE - 1
-
-
 def fit_centres(pixels: np.ndarray, k: int, seed: int, batch_size: int) -> np.ndarray:
     """k-means centres (k, 3) float32 in [-1, 1] of uint8 pixels (n, 3) given in random order.
 
@@ -323,95 +299,6 @@ def _replace(path: Path, write) -> None:
     with open(tmp, "wb") as f:  # a file object: np.save would add .npy to a .tmp name
         write(f)
     os.replace(tmp, path)
-
-
-def load_palette(path: str | os.PathLike) -> np.ndarray:
-    """PALETTE.npy -> centres (k, 3) float32 in [-1, 1]; anything else is refused naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataToolsError(f"{path}: no such palette file")
-    try:
-        centres = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataToolsError(f"{path}: not a .npy palette ({_error(e)})") from None
-    if not isinstance(centres, np.ndarray):  # an .npz archive
-        raise DataToolsError(f"{path}: an .npz archive, not a palette array")
-    if centres.ndim != 2 or centres.shape[1] != 3 or len(centres) == 0 or centres.dtype.kind != "f":
-        raise DataToolsError(f"{path}: palette of shape {centres.shape} and dtype {centres.dtype}, "
-                             "expected (k, 3) float")
-    if not np.isfinite(centres).all() or np.abs(centres).max() > 1 + 1e-6:
-        raise DataToolsError(f"{path}: palette values outside [-1, 1] (is it on the 0-255 scale?)")
-    return centres.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------- tokens
-
-
-def _is_tensor(x) -> bool:
-    torch = sys.modules.get("torch")  # never imported here: a tensor means the caller has it
-    return torch is not None and isinstance(x, torch.Tensor)
-
-
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
-
-
-def _nearest_chunks(x, centres, with_distance: bool = False):
-    """(ids, squared distances or None) per chunk of x (n, 3) in [-1, 1], numpy or torch alike.
-
-    argmin |x - c|^2 = argmin |c|^2 - 2 x.c, written as three multiply-adds rather than a matmul: exact float32
-    whatever the device (no TF32 on GPUs), and a chunk of CHUNK_ELEMENTS distances at a time bounds memory."""
-    norms = (centres * centres).sum(1)
-    chunk = max(1, CHUNK_ELEMENTS // len(centres))
-    for start in range(0, len(x), chunk):
-        p = x[start:start + chunk]
-        scores = norms - 2 * (p[:, 0:1] * centres[:, 0] + p[:, 1:2] * centres[:, 1] + p[:, 2:3] * centres[:, 2])
-        ids = scores.argmin(1)
-        yield ids, (scores.min(1) + (p * p).sum(1) if with_distance else None)
-
-
-def quantize(images, centres):
-    """RGB pixels (..., 3) -> palette token ids (...) int64: the nearest centre (first on ties).
-
-    `images`: uint8 (or any integer type) on the 0-255 scale, or float already in [-1, 1], channels last; numpy
-    in, numpy out; a torch tensor in, a tensor out on its device (GPU quantisation of a batch in the training
-    step). Memory is bounded by chunks, not by the batch size."""
-    if images.shape[-1] != 3:
-        raise ValueError(f"images of shape {tuple(images.shape)}: expected RGB channels last (..., 3)")
-    shape = tuple(images.shape[:-1])
-    if _is_tensor(images):
-        import torch
-
-        c = torch.as_tensor(centres).to(images.device, torch.float32)
-        x = images.reshape(-1, 3)
-        x = x.float() if x.is_floating_point() else x.float() / SCALE - 1
-        ids = torch.empty(len(x), dtype=torch.int64, device=images.device)
-    else:
-        images = np.asarray(images)
-        c = _numpy(centres).astype(np.float32)
-        x = images.reshape(-1, 3)
-        x = x.astype(np.float32) if images.dtype.kind == "f" else to_unit(x)
-        ids = np.empty(len(x), dtype=np.int64)
-    start = 0
-    for chunk_ids, _ in _nearest_chunks(x, c):
-        ids[start:start + len(chunk_ids)] = chunk_ids
-        start += len(chunk_ids)
-    return ids.reshape(shape)
-
-
-def palette_colours(centres) -> np.ndarray:
-    """Centres in [-1, 1] -> (k, 3) uint8 RGB, rounded to the nearest level."""
-    return np.clip(np.rint((_numpy(centres).astype(np.float64) + 1) * SCALE), 0, 255).astype(np.uint8)
-
-
-def dequantize(ids, centres):
-    """Token ids (...) -> uint8 RGB (..., 3): each id's centre on the 0-255 scale (numpy or torch, like ids)."""
-    colours = palette_colours(centres)
-    if _is_tensor(ids):
-        import torch
-
-        return torch.as_tensor(colours, device=ids.device)[ids.long()]
-    return colours[np.asarray(ids)]
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

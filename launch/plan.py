@@ -57,7 +57,7 @@ class Plan:
     optimizer: float
     activations: float
     buffers: float
-    checkpointing: bool
+    activations_note: str  # how they were counted (checkpointing)
     offload: str
     mfu: float
     time_limit_min: int
@@ -116,14 +116,15 @@ def make(config_path: str, cluster_name: str, nodes: int, gpus_per_node: Optiona
     weights = 0.0 if z.offload_params else n * width / (ranks if z.stage == 3 else 1)
     gradients = n * width / (ranks if z.stage >= 2 else 1)
     optimizer = 0.0 if z.offload_optimizer else n * (12 if mixed else 8) / (ranks if z.stage >= 1 else 1)
+    activations, activations_note = activation_bytes(task, model, t.micro_batch_size, DTYPES[t.precision],
+                                                     bool(getattr(cfg.model, "grad_checkpointing", False)))
     return Plan(
         config=config_path, model=cfg.model.name, cluster=c, nodes=nodes, ranks=ranks, precision=t.precision,
         zero_stage=z.stage, parameters=n, flops_per_sample=task.flops_per_sample(),
         micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
         accumulation=t.global_batch_size // (t.micro_batch_size * ranks), steps=t.steps,
         weights=weights, gradients=gradients, optimizer=optimizer,
-        activations=activation_bytes(task, model, t.micro_batch_size, DTYPES[t.precision]),
-        buffers=_buffer_bytes(cfg, n, ranks, width), checkpointing=bool(getattr(cfg.model, "grad_checkpointing", False)),
+        activations=activations, activations_note=activations_note, buffers=_buffer_bytes(cfg, n, ranks, width),
         offload=", ".join(k for k in ("optimizer", "params") if getattr(z, f"offload_{k}")),
         mfu=mfu, time_limit_min=clusters.parse_time(time or c.slurm.time), loader_workers=cfg.data.num_workers,
         loader_batch=float(sum(x.numel() * x.element_size() for x in task.loader_batch(t.micro_batch_size).values())))
@@ -155,14 +156,29 @@ def _fused_sdpa(q, k, v, *args, **kwargs):
 _REFERENCE_SDPA = F.scaled_dot_product_attention
 
 
-def activation_bytes(task, model: nn.Module, micro_batch: int, dtype: torch.dtype) -> float:
-    """Bytes autograd keeps for backward during one training forward of `micro_batch` samples (meta device).
+def activation_bytes(task, model: nn.Module, micro_batch: int, dtype: torch.dtype,
+                     checkpointing: bool = False) -> tuple[float, str]:
+    """Bytes autograd keeps for backward during one training forward of `micro_batch` samples (meta device), and
+    how they were counted.
 
-    Activation checkpointing is switched off for the trace, so with model.grad_checkpointing the figure is an
-    upper bound."""
+    With activation checkpointing, the trace keeps what checkpointing keeps (each block's input and what runs
+    outside the blocks), and the backward pass recomputes one block at a time on top of it: one block's share of
+    the trace without checkpointing, the block being one of the model's longest nn.ModuleList (its layers)."""
     model = model.to(dtype).train()
+    full = _traced(task, model, micro_batch, dtype, checkpointing=False)
+    blocks = max((len(m) for m in model.modules() if isinstance(m, nn.ModuleList)), default=0)
+    if not checkpointing or not blocks:
+        return full, ("without checkpointing: upper bound" if checkpointing else "")
+    try:
+        kept = _traced(task, model, micro_batch, dtype, checkpointing=True)
+    except Exception:  # a checkpoint implementation the meta device cannot run: keep the upper bound
+        return full, "without checkpointing: upper bound"
+    return kept + full / blocks, f"with checkpointing: kept + 1 of {blocks} blocks recomputed"
+
+
+def _traced(task, model: nn.Module, micro_batch: int, dtype: torch.dtype, checkpointing: bool) -> float:
     if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(False)
+        model.set_grad_checkpointing(checkpointing)
     params = {id(p) for p in model.parameters()}
     kept: dict[int, torch.Tensor] = {}
 
@@ -218,7 +234,7 @@ def render(p: Plan) -> str:
         f"  gradients    {_gb(p.gradients)}",
         f"  optimizer    {_gb(p.optimizer)}  ({'fp32 master + Adam m, v' if p.precision != 'fp32' else 'Adam m, v'})",
         f"  activations  {_gb(p.activations)}  (micro-batch {p.micro_batch}, traced on the meta device"
-        + (", without checkpointing: upper bound)" if p.checkpointing else ")"),
+        + (f", {p.activations_note})" if p.activations_note else ")"),
         f"  buffers      {_gb(p.buffers)}  (DeepSpeed communication buckets)",
         f"  total        {_gb(p.total)} of {c.memory_gb:g} GiB: "
         + ("fits" if p.fits else f"DOES NOT FIT (limit {HEADROOM:.0%} of memory)"),

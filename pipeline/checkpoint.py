@@ -236,3 +236,22 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     return {k: v.float() for k, v in module.items()}
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from one of our runs or checkpoints (ZeRO shards merged), a Hugging Face save directory
+    (model.safetensors or pytorch_model.bin beside config.json), or a file: torch (.pth, .pt, .bin, a
+    {"state_dict"|"model": ...} wrapper too) or safetensors. Keys as that source names them."""
+    path = Path(path)
+    if path.is_dir():
+        saved = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        return load_weights(saved[0]) if saved else consolidated_state_dict(resolve(path))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state

@@ -13,10 +13,7 @@ TRAIN=${TRAIN:-4000}
 VAL=${VAL:-480}
 
 echo "== 1/4 demo corpus at 32 px, labelled shards (from-folder)"
-$PY -m data_tools demo-corpus "$DEMO/corpus" --train "$TRAIN" --val "$VAL" --size 32 --no-serve --port 8000
-$PY -m data_tools from-folder "$DEMO/corpus" --csv "$DEMO/corpus/labels.csv" --out "$DEMO/train" \
-  --samples-per-shard $(( (TRAIN + 3) / 4 )) --shuffle --force
-$PY -m data_tools from-folder "$DEMO/corpus/val" --out "$DEMO/val" --samples-per-shard "$VAL" --force
+source scripts/labelled_corpus.sh
 
 echo "== 2/4 train: 2 ranks, DeepSpeed ZeRO-2, gloo; top-1 on the held-out split (TensorBoard: tensorboard --logdir $RUN)"
 $PY -m launch local configs/vit/tiny_cpu.yaml --nproc 2 "data.train=$DEMO/train/{00000..00003}.tar" \

@@ -42,3 +42,34 @@ def labelled_shards(corpus):
                  "--samples-per-shard", "300", "--shuffle"]) == 0
     assert main(["from-folder", str(corpus / "val"), "--out", str(out / "val"), "--samples-per-shard", "1000"]) == 0
     return f"{out}/train/{{00000..00003}}.tar"
+
+
+@pytest.fixture(scope="session")
+def palette_file(corpus):
+    """ImageGPT's 512-colour palette of the corpus shards at 16 px, where `data_tools palette` puts it:
+    corpus/palette/k512.npy."""
+    from data_tools.cli import main
+
+    out = corpus / "palette" / "k512.npy"
+    assert main(["palette", f"{corpus}/{{00000..00003}}.tar", "--image-size", "16", "--pixels", "50000",
+                 "--out", str(out), "--no-progress"]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def run_demo():
+    """run_demo(script, root, STEPS=..., TRAIN=..., VAL=...): scripts/SCRIPT with its data under root/demo and its
+    run in root/run, shortened by the environment; returns its output, and fails the test with the end of it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(script: str, root, **settings) -> str:
+        env = {**os.environ, "PY": sys.executable, "DEMO": str(root / "demo"), "RUN": str(root / "run"),
+               **{k: str(v) for k, v in settings.items()}}
+        r = subprocess.run(["bash", f"scripts/{script}"], cwd=Path(__file__).resolve().parent.parent, env=env,
+                           capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+        return r.stdout + r.stderr
+    return run
+

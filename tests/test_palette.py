@@ -9,8 +9,8 @@ import webdataset as wds
 from PIL import Image
 
 from data_tools import DataToolsError, cli
-from data_tools.palette import (dequantize, fit, fit_palette, load_palette, palette_colours, quantize,
-                                shard_urls)
+from data_tools.palette import fit, fit_palette, shard_urls
+from pipeline.models.palette import dequantize, load_palette, palette_colours, quantize
 
 # Four flat colours away from 0 and 255, so that the noise added to them is not clipped (which would move means).
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [220, 220, 60]], np.uint8)
@@ -99,7 +99,7 @@ def test_quantize_dequantize_round_trip(fitted):
 
 
 def test_quantize_is_the_nearest_centre_chunk_by_chunk(monkeypatch):
-    from data_tools import palette
+    from pipeline.models import palette
 
     monkeypatch.setattr(palette, "CHUNK_ELEMENTS", 1000)  # 1000 // 64 = 15 pixels a chunk: many chunks
     rng = np.random.default_rng(1)
@@ -135,10 +135,10 @@ def test_bad_input_is_refused_naming_the_file(tmp_path):
         shard_urls(str(tmp_path / "missing/{0..3}.tar"))
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((4, 2), np.float32))
-    with pytest.raises(DataToolsError, match="bad.npy"):
+    with pytest.raises(ValueError, match="bad.npy"):
         load_palette(bad)
     np.save(bad, np.full((4, 3), 200, np.float32))
-    with pytest.raises(DataToolsError, match="outside"):
+    with pytest.raises(ValueError, match="outside"):
         load_palette(bad)
 
 

@@ -1,6 +1,7 @@
 """Exact resume on real processes: a run killed mid-save, then killed -9 on one rank at a random step, resumed
 each time from `latest`, ends with parameters bit-identical to an uninterrupted run (CPU, fp32, 2 ranks): CLIP,
-and ViT with mixup and cutmix (numpy's RNG, restored) and timm's RandAugment (python's, seeded per batch)."""
+ViT with mixup and cutmix (numpy's RNG, restored) and timm's RandAugment (python's, seeded per batch), and
+ImageGPT's BERT objective (masks from numpy's RNG) with random flips in the loader workers."""
 import random
 import subprocess
 import sys
@@ -22,11 +23,15 @@ FAMILIES = {
     "clip": ["configs/clip/tiny_cpu.yaml", "eval.zeroshot=null"],
     "vit": ["configs/vit/tiny_cpu.yaml", "data.val=null", "model.mixup=0.8", "model.cutmix=1.0",
             "model.randaugment=rand-m9-mstd0.5", "model.label_smoothing=0.1"],
+    "imagegpt": ["configs/imagegpt/tiny_cpu.yaml", "data.val=null", "model.objective=bert", "model.layers=2"],
 }
+SHARDS = {"clip": "corpus_shards", "vit": "labelled_shards", "imagegpt": "corpus_shards"}
 
 
 def command(run_dir, shards, family):
     path, *extra = FAMILIES[family]
+    if family == "imagegpt":
+        extra.append(f"model.palette={Path(shards.split('{')[0]) / 'palette' / 'k512.npy'}")
     return [sys.executable, "-m", "launch", "local", path, "--nproc", "2",
             f"data.train={shards}", f"run.dir={run_dir}", f"train.steps={STEPS}", "train.save_every=4",
             "train.keep_last=5", "train.global_batch_size=64", "train.micro_batch_size=16",  # accumulation 2
@@ -48,7 +53,9 @@ def final_weights(run_dir):
 def test_killed_runs_resume_bit_identically(tmp_path, family, request):
     import os
 
-    shards = request.getfixturevalue("corpus_shards" if family == "clip" else "labelled_shards")
+    shards = request.getfixturevalue(SHARDS[family])
+    if family == "imagegpt":
+        request.getfixturevalue("palette_file")
 
     r = run(tmp_path / "straight", shards, family)
     assert r.returncode == 0, r.stderr[-4000:]

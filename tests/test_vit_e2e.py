@@ -4,7 +4,6 @@ from-folder, a tiny ViT on 2 DeepSpeed ZeRO-2 ranks, held-out top-1 during train
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +18,13 @@ STEPS, CHANCE = 60, 1 / 24
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, run_demo):
     root = tmp_path_factory.mktemp("vit")
-    env = {**os.environ, "PY": sys.executable, "DEMO": str(root / "demo"), "RUN": str(root / "run"),
-           "STEPS": str(STEPS), "TRAIN": "1200", "VAL": "240"}
-    r = subprocess.run(["bash", "scripts/demo_vit.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return root, r.stdout + r.stderr
+    return root, run_demo("demo_vit.sh", root, STEPS=STEPS, TRAIN=1200, VAL=240)
 
 
-def _tb(run: Path):
-    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+def _tb(run: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     return acc
 

@@ -1,4 +1,5 @@
-"""Two real processes over gloo: ZeRO stages 0-3 follow the same loss trajectory (CLIP and ViT), and open_clip's
+"""Two real processes over gloo: ZeRO stages 0-3 follow the same loss trajectory (CLIP, ViT, and ImageGPT, which
+ZeRO-3 builds under deepspeed.zero.Init), and open_clip's
 distributed CLIP loss (features all-gathered with gradients) equals the single-process loss on the concatenated
 batch."""
 import os
@@ -11,6 +12,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs/clip/tiny_cpu.yaml")
 TINY_VIT = str(ROOT / "configs/vit/tiny_cpu.yaml")
+TINY_IGPT = str(ROOT / "configs/imagegpt/tiny_cpu.yaml")
 WORLD, STEPS, ACCUMULATION, MICRO = 2, 5, 2, 4
 pytestmark = pytest.mark.slow
 VARIANTS = {  # CPU offload runs the optimizer in DeepSpeedCPUAdam (a JIT-built C++ op, cached after the first run)
@@ -22,9 +24,11 @@ VARIANTS = {  # CPU offload runs the optimizer in DeepSpeedCPUAdam (a JIT-built 
 
 
 def _batch(task, seed, n):
-    """Random inputs of the task's shapes: images, and token ids (CLIP) or labels (ViT)."""
+    """Random inputs of the task's shapes: images, and token ids (CLIP) or labels (ViT); palette tokens (ImageGPT)."""
     g = torch.Generator().manual_seed(seed)
     ex = task.example_batch(n, "cpu")
+    if "tokens" in ex:
+        return {"tokens": torch.randint(0, 32, ex["tokens"].shape, generator=g)}  # 32 colours used: learnable
     batch = {"image": torch.randn(ex["image"].shape, generator=g)}
     if "text" in ex:
         batch["text"] = torch.randint(1, 400, ex["text"].shape, generator=g)
@@ -47,6 +51,8 @@ def _worker(rank, port, out):
     results = {"losses": {}}
     runs = [("CLIP", TINY, variant, zero) for variant, zero in VARIANTS.items()]
     runs += [("ViT", TINY_VIT, f"ZeRO-{stage}", [f"zero.stage={stage}"]) for stage in range(4)]
+    runs += [("ImageGPT", TINY_IGPT, f"ZeRO-{stage}", [f"zero.stage={stage}", "data.train=", "model.layers=2"])
+             for stage in range(4)]
     for family, path, variant, zero in runs:
         cfg = config.load(path, [*zero, f"train.micro_batch_size={MICRO}",
                                  f"train.global_batch_size={MICRO * ACCUMULATION * WORLD}", "optim.warmup_steps=1",
@@ -114,7 +120,8 @@ def results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("family,variants", [("CLIP", list(VARIANTS)), ("ViT", [f"ZeRO-{s}" for s in range(4)])])
+@pytest.mark.parametrize("family,variants", [("CLIP", list(VARIANTS)), ("ViT", [f"ZeRO-{s}" for s in range(4)]),
+                                             ("ImageGPT", [f"ZeRO-{s}" for s in range(4)])])
 def test_zero_stages_follow_the_same_loss_trajectory(results, family, variants):
     losses = results[0]["losses"]
     reference = losses[f"{family} ZeRO-0"]

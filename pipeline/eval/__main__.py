@@ -1,4 +1,4 @@
-"""`python -m pipeline.eval zeroshot|classify|vit-figures --checkpoint RUN_OR_CHECKPOINT ...`.
+"""`python -m pipeline.eval zeroshot|classify|vit-figures|linear-probe|imagegpt-samples --checkpoint RUN ...`.
 
 zeroshot (CLIP): each dataset's result is written to OUT/zeroshot/NAME.json as it finishes; OUT/zeroshot.json and
 .md gather them. With `--slurm CLUSTER` each dataset is one task of a SLURM job array (one GPU each on GPU clusters)
@@ -8,6 +8,9 @@ classify (ViT): top-1, top-5 and mean per-class accuracy on labelled shards or I
 and .md.
 vit-figures: the ViT paper's Figure 7 (pipeline/eval/figures.py) as PNGs in OUT/figures/ and images in the run's
 TensorBoard at the checkpoint's step.
+linear-probe: a linear probe per layer of the task's frozen features (ImageGPT: the paper's f_l of every layer;
+pipeline/eval/linear_probe.py) -> OUT/linear_probe.json and .png (accuracy by layer), and TensorBoard.
+imagegpt-samples: unconditional samples and completions of held-out images -> OUT/samples/*.png and TensorBoard.
 """
 from __future__ import annotations
 
@@ -190,6 +193,82 @@ def vit_figures(args) -> int:
     return 0
 
 
+def linear_probe(args) -> int:
+    """One L-BFGS logistic regression per layer of the task's features (ImageGPT: every layer), its regularisation
+    chosen on a split of --train -> OUT/linear_probe.json + .png and the run's TensorBoard."""
+    from pipeline.eval import linear_probe as lp
+    from pipeline.eval.classify import labelled_batches
+    from pipeline.eval.figures import to_chw
+    from pipeline.metrics import Metrics
+
+    ckpt = checkpoint.resolve(args.checkpoint).resolve()
+    device = args.device or _default_device()
+    cfg, task, model, _ = load_model(ckpt, device)
+
+    def features(source: str):
+        found, labels = {}, []
+        for images, y in labelled_batches(source, task.transform(train=False), args.batch_size, args.workers,
+                                          args.max_images):
+            with torch.no_grad():
+                for name, f in task.features(model, images.to(device)).items():
+                    found.setdefault(name, []).append(f.float().cpu())
+            labels.append(y)
+        if not labels:
+            raise ValueError(f"{source}: no labelled images (labelled shards or an ImageFolder tree)")
+        return {name: torch.cat(f).numpy() for name, f in found.items()}, torch.cat(labels).numpy()
+
+    train, train_y = features(args.train)
+    test, test_y = features(args.test)
+    results = lp.probe_layers(train, train_y, test, test_y, seed=args.seed, max_iter=args.max_iter)
+    step = checkpoint.read_state(ckpt)["step"]
+    out = Path(args.out) if args.out else ckpt.parent.parent / "eval"
+    json_path, png_path = lp.write_report(results, out, checkpoint=str(ckpt), step=step, train=args.train,
+                                          test=args.test)
+    metrics = Metrics(ckpt.parent.parent / "tb", enabled=True)
+    metrics.scalars(step, {f"probe/{name}": r.accuracy for name, r in results.items()})
+    metrics.images(step, {"probe/accuracy_by_layer": to_chw(lp.draw_layer_curve(results))})
+    metrics.close()
+    for name, r in results.items():
+        print(f"{name}: test accuracy {r.accuracy:.2%} (C {r.C:g}, val {r.val_accuracy:.2%})")
+    best = lp.best_layer(results)
+    print(f"best: {best} {results[best].accuracy:.2%} of {len(results)} layers ({len(train_y)} train, "
+          f"{len(test_y)} test images) -> {json_path}, {png_path}")
+    return 0
+
+
+def imagegpt_samples(args) -> int:
+    """Unconditional samples and completions of the top half of held-out images, as PNG grids in OUT/samples/ and
+    images in the run's TensorBoard."""
+    from PIL import Image
+
+    from pipeline.metrics import Metrics
+
+    ckpt = checkpoint.resolve(args.checkpoint).resolve()
+    device = args.device or _default_device()
+    cfg, task, model, _ = load_model(ckpt, device)
+    if not hasattr(task, "sample_grids") or cfg.model.objective != "ar":
+        raise ValueError(f"{ckpt}: imagegpt-samples samples an autoregressive ImageGPT (task: imagegpt, "
+                         f"model.objective=ar), this checkpoint holds task {cfg.task}")
+    cfg.eval.samples, cfg.eval.temperature, cfg.eval.top_k = args.n, args.temperature, args.top_k
+    images = _images(args.images, args.n)
+    held_out = torch.stack([task.image_transform(train=False)(img) for img in images]).long().to(device)
+    with torch.no_grad():
+        grids = task.sample_grids(model, held_out, seed=args.seed)
+    out = (Path(args.out) if args.out else ckpt.parent.parent / "eval") / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, grid in grids.items():
+        path = out / f"{name.split('/')[-1]}.png"
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+        tmp.replace(path)
+    step = checkpoint.read_state(ckpt)["step"]
+    metrics = Metrics(ckpt.parent.parent / "tb", enabled=True)
+    metrics.images(step, grids)
+    metrics.close()
+    print(f"{args.n} samples and completions -> {out} (and TensorBoard, step {step})")
+    return 0
+
+
 def _images(path: str, limit: int):
     """PIL images under a directory (recursively) or in shards (a spec), at most `limit`."""
     from pipeline.data import decode_image, expand_urls, to_sample
@@ -217,43 +296,58 @@ def _dataset_name(path: str) -> str:
     return Path(path).name if Path(path).is_dir() else Path(expand_urls(path)[0]).parent.name
 
 
+def _command(sub, name: str, description: str, out: str = "") -> argparse.ArgumentParser:
+    """A subcommand with what all of them read: --checkpoint, --out, --device."""
+    p = sub.add_parser(name, help=description)
+    p.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
+    p.add_argument("--out", help=f"output dir (default: RUN/eval{'; ' + out if out else ''})")
+    p.add_argument("--device", help="default: cuda when there is one, else cpu")
+    return p
+
+
 def main(argv=None) -> int:
     from launch import array
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    z = sub.add_parser("zeroshot", help="zero-shot classification of local labelled datasets")
-    z.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
+    z = _command(sub, "zeroshot", "zero-shot classification of local labelled datasets")
     z.add_argument("--dataset", required=True, action="append",
                    help="ImageFolder tree (+ classnames.txt, templates); repeat for several")
-    z.add_argument("--out", help="output dir (default: RUN/eval)")
     z.add_argument("--batch-size", type=int, default=256)
     z.add_argument("--workers", type=int, default=2)
-    z.add_argument("--device", help="default: cuda when there is one, else cpu")
     array.add_arguments(z, "one array task per dataset")
-    c = sub.add_parser("classify", help="top-1/top-5 of a classifier (ViT) on labelled shards or ImageFolder trees")
-    c.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
+    c = _command(sub, "classify", "top-1/top-5 of a classifier (ViT) on labelled shards or ImageFolder trees")
     c.add_argument("--dataset", required=True, action="append", help="labelled shards (a spec) or an ImageFolder")
-    c.add_argument("--out", help="output dir (default: RUN/eval)")
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--workers", type=int, default=2)
-    c.add_argument("--device", help="default: cuda when there is one, else cpu")
-    f = sub.add_parser("vit-figures", help="the ViT paper's Figure 7: filters, position embeddings, attention")
-    f.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
+    f = _command(sub, "vit-figures", "the ViT paper's Figure 7: filters, position embeddings, attention",
+                 "the figures go to OUT/figures/")
     f.add_argument("--images", required=True, help="a directory of images, or shards, for the attention distance")
     f.add_argument("--max-images", type=int, default=128, help="the paper averages over 128 images")
     f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--out", help="output dir (default: RUN/eval; the figures go to OUT/figures/)")
-    f.add_argument("--device", help="default: cuda when there is one, else cpu")
+    p = _command(sub, "linear-probe", "linear probes of every layer's features (ImageGPT), L-BFGS, C chosen on a "
+                                      "validation split")
+    p.add_argument("--train", required=True, help="labelled shards (a spec) or an ImageFolder to fit the probes on")
+    p.add_argument("--test", required=True, help="labelled shards or an ImageFolder to score them on")
+    p.add_argument("--max-images", type=int, default=0, help="images read from each set (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="the validation split")
+    p.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (the CLIP paper's 1,000)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    g = _command(sub, "imagegpt-samples", "ImageGPT samples and completions of held-out images",
+                 "the grids go to OUT/samples/")
+    g.add_argument("--images", required=True, help="a directory of images, or shards: the images completed")
+    g.add_argument("--n", type=int, default=8, help="samples, and images completed")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest colours (0: all)")
+    g.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    commands = {"classify": classify, "vit-figures": vit_figures, "linear-probe": linear_probe,
+                "imagegpt-samples": imagegpt_samples, "zeroshot": zeroshot}
     try:
-        if args.command == "classify":
-            return classify(args)
-        if args.command == "vit-figures":
-            return vit_figures(args)
-        return zeroshot(args)
-    except (FileNotFoundError, ValueError, config.ConfigError) as e:
+        return commands[args.command](args)
+    except (FileNotFoundError, ValueError, NotImplementedError, config.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -21,8 +21,9 @@ class _Shards(IterableDataset):
     """Labelled samples of shards, split between loader workers by shard; (image, label) through `transform`
     (a sample dict -> {"image", "label"} transform, as the tasks' own)."""
 
-    def __init__(self, urls: list[str], transform: Callable[[dict], dict], max_images: int = 0):
-        self.urls, self.transform, self.max_images = urls, transform, max_images
+    def __init__(self, urls: list[str], transform: Callable[[dict], dict], max_images: int = 0,
+                 labelled: bool = True):
+        self.urls, self.transform, self.max_images, self.labelled = urls, transform, max_images, labelled
 
     def __iter__(self):
         from pipeline.data import to_sample
@@ -42,9 +43,9 @@ class _Shards(IterableDataset):
                 except Exception as e:
                     log.warning("skipping sample %s of %s: %r", raw.get("__key__"), url, e)
                     continue
-                if "label" in sample:
+                if "label" in sample or not self.labelled:
                     budget = None if budget is None else budget - 1
-                    yield sample["image"], sample["label"]
+                    yield sample["image"], sample.get("label", -1)
             shard.close()
 
 
@@ -64,8 +65,9 @@ class _Folder(torch.utils.data.Dataset):
 
 
 def labelled_batches(source: str | Path, transform: Callable[[dict], dict], batch_size: int, workers: int = 0,
-                     max_images: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (images, labels) from labelled shards (a spec) or an ImageFolder tree (a directory)."""
+                     max_images: int = 0, labelled: bool = True) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (images, labels) from labelled shards (a spec) or an ImageFolder tree (a directory).
+    labelled=False: shard samples without a label too, labelled -1 (generative evaluation)."""
     if Path(str(source)).is_dir():
         dataset = _Folder(Path(source), transform)
         if max_images:
@@ -73,7 +75,7 @@ def labelled_batches(source: str | Path, transform: Callable[[dict], dict], batc
     else:
         from pipeline.data import expand_urls
 
-        dataset = _Shards(expand_urls(source), transform, max_images)
+        dataset = _Shards(expand_urls(source), transform, max_images, labelled)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers)
 
 

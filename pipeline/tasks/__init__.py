@@ -9,6 +9,7 @@ from pipeline.tasks.base import Task
 TASKS = {
     "clip": "pipeline.tasks.clip:ClipTask",
     "vit": "pipeline.tasks.vit:VitTask",
+    "imagegpt": "pipeline.tasks.imagegpt:ImageGPTTask",
 }
 
 

@@ -89,6 +89,11 @@ class Task:
         """The family's evaluation of `model` (whole, in eval mode), on rank 0 while the other ranks wait."""
         raise NotImplementedError
 
+    def features(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frozen features of a batch as `transform(train=False)` delivers it, for linear probes: {name: (B, d)}, one
+        entry per layer probed (ImageGPT: every layer), in depth order."""
+        raise NotImplementedError(f"task {type(self).__name__} does not give features for linear probes")
+
     def input_size(self) -> tuple[int, str]:
         """(image side, img2dataset resize mode) this run's data is best stored at (`data_tools download --target
         CONFIG`)."""
@@ -99,8 +104,11 @@ class Task:
         """The same for a model name of this family (`--target ViT-L-14-336`), or None when it is not one."""
         return None
 
+    export_format: str = "torch"  # `pipeline.export --format`: the library that loads the export back
+    export_suffix: str = ".pt"  # "" when the export is a directory
+
     def export(self, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-        """Write a consolidated fp32 state dict in the family's library format (open_clip, timm...)."""
+        """Write a consolidated fp32 state dict in the family's library format (open_clip, timm, transformers)."""
         torch.save(state_dict, path)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:

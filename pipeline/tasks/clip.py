@@ -160,6 +160,8 @@ class ClipTask(Task):
         # Clamp the learned log-temperature at ln(100), on the fp32 master copy too (ZeRO / mixed precision).
         engine.clamp_(engine.module.logit_scale, 0.0, MAX_LOGIT_SCALE)
 
+    export_format = "open_clip"
+
     def export(self, state_dict, path):
         torch.save(to_open_clip(state_dict), path)
 

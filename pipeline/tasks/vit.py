@@ -25,7 +25,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from pipeline import config
+from pipeline import checkpoint, config
 from pipeline.tasks.base import Evaluation, Task
 
 log = logging.getLogger("pipeline")
@@ -155,6 +155,8 @@ class VitTask(Task):
     def loss_forward(self, model, batch):
         return model(batch["image"])
 
+    export_format = "timm"  # our state dict is timm's: timm.create_model(..., pretrained_cfg_overlay=dict(file=...))
+
     def decode_size(self) -> int:
         return self.image_size
 
@@ -257,32 +259,13 @@ class VitEvalTransform:
         return {"image": self.image(sample["image"]), "label": torch.tensor(sample["label"])}
 
 
-def weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from one of our runs or checkpoints (ZeRO shards merged), or a file: torch (.pth, .pt, .bin,
-    a {"state_dict"|"model": ...} wrapper too) or safetensors."""
-    from pipeline import checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        return checkpoint.consolidated_state_dict(checkpoint.resolve(path))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def load_init(model: nn.Module, path: str) -> None:
     """Start from `path`'s weights: position embeddings resampled to this model's patch grid (timm's
     checkpoint_filter_fn: 2-D bicubic), the head replaced when the classes differ. Anything else that does not
     fit is refused, naming the keys."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = weights(path)
+    state = checkpoint.load_weights(path)
     before = tuple(state["pos_embed"].shape) if "pos_embed" in state else None
     state = checkpoint_filter_fn(state, model)
     notes = []
