@@ -14,13 +14,12 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import timm
 import torch
-from timm.loss import SoftTargetCrossEntropy
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
