@@ -1,6 +1,11 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The image's network is closed: stop libraries phoning home at import time (albumentations, wandb).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -73,3 +78,33 @@ def run_demo():
         return r.stdout + r.stderr
     return run
 
+
+
+def launch_clip(run_dir, corpus, *extra, steps: int = 30, save_every: int = 15) -> str:
+    """`launch local` of the tiny CLIP on 2 ranks (ZeRO-2) on the corpus, with zero-shot evaluation on its
+    held-out split; returns the output, and fails the test with the end of it."""
+    cmd = [sys.executable, "-m", "launch", "local", "configs/clip/tiny_cpu.yaml", "--nproc", "2",
+           f"data.train={corpus}/{{00000..00003}}.tar", f"run.dir={run_dir}", f"train.steps={steps}",
+           "train.global_batch_size=128", "train.micro_batch_size=64", f"train.save_every={save_every}",
+           "train.log_every=5", "optim.warmup_steps=5", "optim.lr=2e-3", "zero.stage=2",
+           f"eval.zeroshot={corpus}/val", "train.peak_tflops=0.19", *extra]  # 2 cores x 3 GHz x 32 FLOP/cycle
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="session")
+def suite_root(tmp_path_factory):
+    """Small local copies of suite datasets in every layout (tests/suite_data.py)."""
+    import suite_data
+
+    return suite_data.build(tmp_path_factory.mktemp("suite_data"))
+
+
+@pytest.fixture(scope="session")
+def clip_run(tmp_path_factory, corpus, suite_root):
+    """(run dir, output) of the tiny CLIP trained 30 steps, evaluating zero-shot on the corpus's held-out split and
+    on three suite datasets: tests of training read the run, tests of evaluation and export its checkpoints."""
+    run_dir = tmp_path_factory.mktemp("runs") / "clip"
+    return run_dir, launch_clip(run_dir, corpus, "eval.suite=eurosat,voc2007,kinetics700",
+                                f"eval.suite_root={suite_root}", "eval.suite_max_images=16")

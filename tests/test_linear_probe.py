@@ -161,3 +161,35 @@ def test_curve_edge_cases():
     many = {f"layer_{i}": ProbeResult(1.0, 1.0, 1.0, 10, 10, 2) for i in range(48)}
     assert draw_layer_curve(one).size == (640, 400)
     assert draw_layer_curve(many, size=(800, 300)).size == (800, 300)
+
+
+def test_torch_lbfgs_reaches_sklearns_accuracy(digits):
+    """The torch backend (full-batch L-BFGS, the GPU path for ImageNet-size sets) minimises the same objective:
+    on the same features it chooses a C and scores as scikit-learn does, within a test image or two."""
+    train_x, test_x, train_y, test_y = digits
+    reference = probe(train_x, train_y, test_x, test_y, max_iter=300)
+    ours = probe(train_x, train_y, test_x, test_y, max_iter=300, backend="torch", device="cpu")
+    assert ours.accuracy >= reference.accuracy - 2 / len(test_y), (ours, reference)
+    assert ours.scores.shape == (len(test_y), 10) and np.allclose(ours.scores.sum(1), 1)
+    assert list(ours.labels) == list(range(10))
+
+
+def test_torch_lbfgs_optimum_matches_sklearns_coefficients(digits):
+    """One C, one fit: the same minimiser (sklearn's objective C * sum CE + |W|^2 / 2), so the same probabilities."""
+    from pipeline.eval.linear_probe import TorchLogistic
+
+    train_x, test_x, train_y, _ = digits
+    scaler = StandardScaler().fit(train_x)
+    x, t = scaler.transform(train_x), scaler.transform(test_x)
+    sk = LogisticRegression(C=0.1, max_iter=5000, tol=1e-10).fit(x, train_y)
+    th = TorchLogistic(C=0.1, max_iter=5000, device="cpu", tol=1e-9).fit(x, train_y)
+    assert np.abs(th.predict_proba(t) - sk.predict_proba(t)).max() < 1e-3
+
+
+def test_probe_scores_give_any_metric_later(digits):
+    from pipeline.eval import metrics
+
+    train_x, test_x, train_y, test_y = digits
+    r = probe(train_x, train_y, test_x, test_y, max_iter=300)
+    assert metrics.top_k_accuracy(r.scores, test_y) == pytest.approx(r.accuracy)
+    assert "scores" not in r.record() and "labels" not in r.record()

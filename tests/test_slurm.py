@@ -394,6 +394,36 @@ def test_array_zeroshot_one_task_per_dataset(jobs, corpus, tmp_path):
     assert json.loads((out / "zeroshot.json").read_text())["datasets"] == 3
 
 
+def test_array_suite_one_task_per_dataset(jobs, suite_root, tmp_path):
+    """`pipeline.eval suite --slurm`: one array task per suite dataset (an absent one too: its task files "not
+    found"), merged into the 27-row report; a rerun submits only what is not done."""
+    from pipeline.eval.__main__ import main as eval_main
+
+    run_dir, _ = jobs["train"]
+    jobs["requeued"].result(timeout=900)  # the trained checkpoint
+    out = tmp_path / "eval"
+
+    def run() -> subprocess.CompletedProcess:
+        o, e = io.StringIO(), io.StringIO()
+        args = ["suite", "--checkpoint", str(run_dir), "--data-root", str(suite_root), "--out", str(out),
+                "--datasets", "eurosat,pets,hateful_memes,cifar10", "--linear-probe", "--workers", "0",
+                "--slurm", "cpu", "--time", "10", "--wait"]
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+            rc = eval_main(args)
+        return subprocess.CompletedProcess(args, rc, o.getvalue(), e.getvalue())
+
+    r = run()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"submitted array job \d+ \(4 tasks: 4 of 4 datasets\)", r.stdout)
+    report = json.loads((out / "suite.json").read_text())
+    rows = {x["dataset"]: x for x in report["results"]}
+    assert len(rows) == 27 and report["step"] == STEPS and report["datasets"] == 2  # eurosat, pets zero-shot
+    assert rows["cifar10"]["status"] == "not found" and rows["birdsnap"]["status"] == "not run"
+    assert rows["hateful_memes"]["linear_probe"]["status"] == "evaluated"
+    r = run()
+    assert r.returncode == 0 and "(1 tasks: 1 of 4 datasets)" in r.stdout, r.stdout + r.stderr
+
+
 def test_time_over_the_partition_limit_is_cut_to_it(slurm_cluster, corpus):
     """The test cluster's `short` partition has MaxTime=30: a 72 h request becomes 30 min jobs (which chain by
     requeue) instead of a job sbatch refuses or leaves pending; the unlimited default partition keeps 72 h."""

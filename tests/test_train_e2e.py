@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import launch_clip
 from pipeline import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,14 +18,7 @@ STEPS, SAVE_EVERY = 30, 15
 
 
 def launch(run_dir, corpus, *extra):
-    cmd = [sys.executable, "-m", "launch", "local", "configs/clip/tiny_cpu.yaml", "--nproc", "2",
-           f"data.train={corpus}/{{00000..00003}}.tar", f"run.dir={run_dir}", f"train.steps={STEPS}",
-           "train.global_batch_size=128", "train.micro_batch_size=64", f"train.save_every={SAVE_EVERY}",
-           "train.log_every=5", "optim.warmup_steps=5", "optim.lr=2e-3", "zero.stage=2",
-           f"eval.zeroshot={corpus}/val", "train.peak_tflops=0.19", *extra]  # 2 cores x 3 GHz x 32 FLOP/cycle
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r.stdout + r.stderr
+    return launch_clip(run_dir, corpus, *extra, steps=STEPS, save_every=SAVE_EVERY)
 
 
 def scalars(run_dir) -> dict[str, dict[int, float]]:
@@ -34,10 +28,8 @@ def scalars(run_dir) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope="module")
-def run_a(tmp_path_factory, corpus):
-    run_dir = tmp_path_factory.mktemp("runs") / "a"
-    log = launch(run_dir, corpus)
-    return run_dir, log
+def run_a(clip_run):
+    return clip_run  # conftest.py: the same run and settings as launch() here
 
 
 def test_zero2_two_ranks_train_and_loss_falls(run_a):
@@ -46,7 +38,8 @@ def test_zero2_two_ranks_train_and_loss_falls(run_a):
     s = scalars(run_dir)
     for tag in ("train/loss", "train/lr", "train/samples_per_s", "train/logit_scale", "train/grad_norm",
                 "train/data_wait_fraction", "train/mfu", "train/skipped_steps", "data/skipped",
-                "memory/allocated_gb/rank0", "memory/allocated_gb/rank1", "eval/zeroshot_top1"):
+                "memory/allocated_gb/rank0", "memory/allocated_gb/rank1", "eval/zeroshot_top1",
+                "eval/eurosat/accuracy", "eval/voc2007/voc11_map", "eval/kinetics700/top1_top5_mean"):
         assert tag in s, f"{tag} missing from {sorted(s)}"
     loss = s["train/loss"]
     assert sorted(loss) == list(range(5, STEPS + 1, 5))

@@ -1,4 +1,11 @@
-"""`python -m pipeline.eval zeroshot|classify|vit-figures|linear-probe|imagegpt-samples --checkpoint RUN ...`.
+"""`python -m pipeline.eval suite|zeroshot|classify|vit-figures|linear-probe|imagegpt-samples --checkpoint RUN ...`.
+
+suite: the CLIP paper's 27 datasets (pipeline/eval/suite.py) from --data-root DIR (one folder per dataset, under
+the registry's name), zero-shot and/or linear probes, each with the paper's metric -> OUT/suite.json, .md, .png,
+suite_examples.png and TensorBoard (pipeline/eval/report.py); per dataset OUT/suite/NAME.json with its per-sample
+scores beside it. Works on our checkpoints and on open_clip / OpenAI weights (--pretrained FILE --model NAME).
+Locally one dataset after the other; with `--slurm CLUSTER` one array task per dataset, merged when all end. A
+rerun evaluates only what is missing for that model.
 
 zeroshot (CLIP): each dataset's result is written to OUT/zeroshot/NAME.json as it finishes; OUT/zeroshot.json and
 .md gather them. With `--slurm CLUSTER` each dataset is one task of a SLURM job array (one GPU each on GPU clusters)
@@ -135,6 +142,84 @@ def zeroshot(args) -> int:
     return _print(job.gather(paths), out)
 
 
+@dataclass
+class _GatherSuite:
+    job: "SuiteJob"  # noqa: F821
+    names: list[str]
+
+    def __call__(self) -> dict:
+        return self.job.gather(self.names)
+
+
+def _print_suite(report: dict, out: Path) -> int:
+    from pipeline.eval.report import METRIC_NAMES
+
+    missing = []
+    for r in report["results"]:
+        for mode, label in (("zeroshot", "zero-shot"), ("linear_probe", "linear probe")):
+            m = r.get(mode)
+            if m and m["status"] == "evaluated":
+                print(f"{r['dataset']}: {label} {METRIC_NAMES[r['metric']]} {m['value']:.2%} (chance "
+                      f"{m['chance']:.2%}, {m['n']} images" + (f", {m['skipped']} unreadable skipped" if m['skipped']
+                                                              else "") + ")")
+            elif m:
+                print(f"{r['dataset']}: {label} {m['status']}: {m.get('reason', '')}")
+        if r["status"] == "not found":
+            print(f"{r['dataset']}: not found: {r['reason']}")
+        elif r["status"].startswith("missing"):
+            missing.append(r["dataset"])
+    if missing:
+        print(f"missing (failed or not run): {', '.join(missing)}; rerun the same command", file=sys.stderr)
+    mean = report["mean_zeroshot"]
+    print(f"{report['datasets']} dataset(s) evaluated zero-shot" + (f", mean {mean:.2%}" if mean is not None else "")
+          + f" -> {out / 'suite.json'}, suite.md, suite.png")
+    return 1 if missing else 0
+
+
+def suite_command(args) -> int:
+    from pipeline.eval import suite
+    from pipeline.eval.suite_run import SuiteJob, check_pretrained
+
+    if bool(args.checkpoint) == bool(args.pretrained):
+        raise ValueError("give --checkpoint RUN, or --pretrained FILE --model NAME (open_clip weights)")
+    specs = suite.get(args.datasets)
+    if not Path(args.data_root).is_dir():
+        raise FileNotFoundError(f"--data-root {args.data_root}: not a directory")
+    if args.checkpoint:
+        ckpt = checkpoint.resolve(args.checkpoint).resolve()  # refuses a run without checkpoints before any work
+        out = Path(args.out) if args.out else ckpt.parent.parent / "eval"
+    else:
+        ckpt = None
+        check_pretrained(args.pretrained, args.model)
+        if not args.out:
+            raise ValueError("--pretrained needs --out, where the results go")
+        out = Path(args.out)
+    job = SuiteJob(str(Path(args.data_root).resolve()), str(out.resolve()), str(ckpt) if ckpt else None,
+                   args.pretrained, args.model, zeroshot=not args.no_zeroshot, linear_probe=args.linear_probe,
+                   batch_size=args.batch_size, workers=args.workers, device=args.device, max_images=args.max_images,
+                   probe_backend=args.probe_backend, probe_max_iter=args.probe_max_iter,
+                   progress=sys.stderr.isatty())
+    names = [s.name for s in specs]
+    todo = [n for n in names if not job.done(n)]
+    if args.slurm:
+        from launch import array
+
+        if not todo:
+            return _print_suite(job.gather(names), out)
+        request = array.ArrayRequest.from_args(args, name=f"suite-{ckpt.name if ckpt else args.model}",
+                                               gpus_per_task=1)
+        submitted = array.submit(request, out / "slurm", job, todo, _GatherSuite(job, names))
+        print(submitted.describe(f"{len(todo)} of {len(names)} datasets"))
+        if not args.wait:
+            print(f"report: {out / 'suite.json'} once job {submitted.merge.job_id} ends")
+            return 0
+        return _print_suite(submitted.merge.result(), out)
+    for n in todo:
+        print(f"{n} ...", file=sys.stderr, flush=True)
+        job(n)
+    return _print_suite(job.gather(names), out)
+
+
 def classify(args) -> int:
     from pipeline.eval.classify import classify as accuracy
     from pipeline.eval.classify import labelled_batches, write_report
@@ -197,7 +282,7 @@ def linear_probe(args) -> int:
     """One L-BFGS logistic regression per layer of the task's features (ImageGPT: every layer), its regularisation
     chosen on a split of --train -> OUT/linear_probe.json + .png and the run's TensorBoard."""
     from pipeline.eval import linear_probe as lp
-    from pipeline.eval.classify import labelled_batches
+    from pipeline.eval.classify import ImageTransform, labelled_batches
     from pipeline.eval.figures import to_chw
     from pipeline.metrics import Metrics
 
@@ -207,8 +292,8 @@ def linear_probe(args) -> int:
 
     def features(source: str):
         found, labels = {}, []
-        for images, y in labelled_batches(source, task.transform(train=False), args.batch_size, args.workers,
-                                          args.max_images):
+        for images, y in labelled_batches(source, ImageTransform(task.image_transform(train=False)),
+                                          args.batch_size, args.workers, args.max_images):
             with torch.no_grad():
                 for name, f in task.features(model, images.to(device)).items():
                     found.setdefault(name, []).append(f.float().cpu())
@@ -296,10 +381,12 @@ def _dataset_name(path: str) -> str:
     return Path(path).name if Path(path).is_dir() else Path(expand_urls(path)[0]).parent.name
 
 
-def _command(sub, name: str, description: str, out: str = "") -> argparse.ArgumentParser:
+def _command(sub, name: str, description: str, out: str = "", checkpoint_required: bool = True
+             ) -> argparse.ArgumentParser:
     """A subcommand with what all of them read: --checkpoint, --out, --device."""
     p = sub.add_parser(name, help=description)
-    p.add_argument("--checkpoint", required=True, help="run dir (runs/NAME), checkpoints dir or one checkpoint")
+    p.add_argument("--checkpoint", required=checkpoint_required,
+                   help="run dir (runs/NAME), checkpoints dir or one checkpoint")
     p.add_argument("--out", help=f"output dir (default: RUN/eval{'; ' + out if out else ''})")
     p.add_argument("--device", help="default: cuda when there is one, else cpu")
     return p
@@ -311,6 +398,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    s = _command(sub, "suite", "the CLIP paper's 27-dataset suite: zero-shot and linear probes, the paper's metrics",
+                 checkpoint_required=False)
+    s.add_argument("--data-root", required=True, help="one folder per dataset, named as in the registry "
+                                                      "(food101, cifar10, ..., imagenet1k)")
+    s.add_argument("--datasets", help="comma-separated registry names (default: all 27)")
+    s.add_argument("--pretrained", help="open_clip / OpenAI CLIP weights (a local file) instead of --checkpoint")
+    s.add_argument("--model", help="the open_clip model name of --pretrained (e.g. ViT-B-32)")
+    s.add_argument("--linear-probe", action="store_true", help="also fit linear probes (needs each train split)")
+    s.add_argument("--no-zeroshot", action="store_true", help="linear probes only")
+    s.add_argument("--max-images", type=int, default=0, help="images per split (0: all): a quick look")
+    s.add_argument("--probe-backend", choices=("auto", "sklearn", "torch"), default="auto",
+                   help="auto: torch's L-BFGS on a GPU, scikit-learn's on CPU")
+    s.add_argument("--probe-max-iter", type=int, default=1000)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--workers", type=int, default=2)
+    array.add_arguments(s, "one array task per dataset")
     z = _command(sub, "zeroshot", "zero-shot classification of local labelled datasets")
     z.add_argument("--dataset", required=True, action="append",
                    help="ImageFolder tree (+ classnames.txt, templates); repeat for several")
@@ -344,7 +447,7 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     commands = {"classify": classify, "vit-figures": vit_figures, "linear-probe": linear_probe,
-                "imagegpt-samples": imagegpt_samples, "zeroshot": zeroshot}
+                "imagegpt-samples": imagegpt_samples, "zeroshot": zeroshot, "suite": suite_command}
     try:
         return commands[args.command](args)
     except (FileNotFoundError, ValueError, NotImplementedError, config.ConfigError) as e:

@@ -64,6 +64,16 @@ class _Folder(torch.utils.data.Dataset):
         return sample["image"], sample["label"]
 
 
+class ImageTransform:
+    """Picklable: a sample dict's image through a PIL -> tensor transform (a task's `image_transform`)."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, sample: dict) -> dict:
+        return {**sample, "image": self.transform(sample["image"])}
+
+
 def labelled_batches(source: str | Path, transform: Callable[[dict], dict], batch_size: int, workers: int = 0,
                      max_images: int = 0, labelled: bool = True) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (images, labels) from labelled shards (a spec) or an ImageFolder tree (a directory).

@@ -45,6 +45,31 @@ def evaluate(model, tokenizer, dataset_path, transform, *, batch_size: int = 64,
     }
 
 
+def classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
+    """(d, K) text classifier: per class, the mean of its normalised prompt embeddings, normalised (the paper's
+    prompt ensembling, done in embedding space)."""
+    return open_clip.build_zero_shot_classifier(model, tokenizer, classnames, [_template_fn(t) for t in templates],
+                                                num_classes_per_batch=10, device=device, use_tqdm=False)
+
+
+@torch.no_grad()
+def scores(model, text: torch.Tensor, batches, device, dtype=torch.float32, progress=None):
+    """Cosine similarities (N, K) float32 of every readable image to every class, their targets, and the number of
+    unreadable samples skipped; `batches` yields (images, targets, skipped) (pipeline/eval/datasets.collate)."""
+    out, targets, skipped = [], [], 0
+    for images, y, bad in batches:
+        skipped += bad
+        if images is not None:
+            features = model.encode_image(images.to(device, dtype), normalize=True)
+            out.append((features.float() @ text.float()).cpu())
+            targets.append(y)
+        if progress is not None:
+            progress(bad + (0 if images is None else len(images)))
+    if not out:
+        return torch.zeros(0, text.shape[1]), torch.zeros(0, dtype=torch.long), skipped
+    return torch.cat(out), torch.cat(targets), skipped
+
+
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """OUT/zeroshot.json (the report: checkpoint, step, one result per dataset, their mean) and zeroshot.md."""
     out_dir.mkdir(parents=True, exist_ok=True)

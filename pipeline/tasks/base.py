@@ -90,9 +90,14 @@ class Task:
         raise NotImplementedError
 
     def features(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Frozen features of a batch as `transform(train=False)` delivers it, for linear probes: {name: (B, d)}, one
-        entry per layer probed (ImageGPT: every layer), in depth order."""
+        """Frozen features of a batch of `image_transform(train=False)` outputs, for linear probes: {name: (B, d)},
+        one entry per layer probed (ImageGPT: every layer), in depth order."""
         raise NotImplementedError(f"task {type(self).__name__} does not give features for linear probes")
+
+    def zero_shot(self, model: nn.Module) -> tuple[nn.Module, Callable] | None:
+        """(a model with open_clip's encode_image / encode_text, its tokenizer) for zero-shot classification over
+        class-name prompts; None when the family has no text tower."""
+        return None
 
     def input_size(self) -> tuple[int, str]:
         """(image side, img2dataset resize mode) this run's data is best stored at (`data_tools download --target

@@ -50,6 +50,11 @@ class ClipEvalConfig(config.EvalConfig):
     # Local labelled dataset (ImageFolder + classnames.txt), zero-shot top-1/top-5 during training; checked at
     # start by rank 0, which evaluates (pipeline/preflight.py)
     zeroshot: Optional[str] = field(default=None, metadata={"path": "imagefolder", "read_by": "main"})
+    # A subset of the 27-dataset suite (pipeline/eval/suite.py), comma-separated names, zero-shot with the paper's
+    # metrics on at most suite_max_images test images each, from suite_root (one folder per dataset)
+    suite: Optional[str] = None
+    suite_root: Optional[str] = field(default=None, metadata={"path": "dir", "read_by": "main"})
+    suite_max_images: int = 500
 
 
 @dataclass
@@ -73,6 +78,15 @@ class ClipTask(Task):
             raise config.ConfigError(
                 f"model.name={cfg.model.name!r}: not an open_clip model config "
                 f"(e.g. RN50, ViT-B-32, ViT-L-14-336, CLIP-tiny)")
+        if cfg.eval.suite:
+            from pipeline.eval import suite
+
+            try:
+                suite.get(cfg.eval.suite)
+            except ValueError as e:
+                raise config.ConfigError(f"eval.suite={cfg.eval.suite}: {str(e).split(': ', 1)[1]}") from None
+            if not cfg.eval.suite_root:
+                raise config.ConfigError("eval.suite needs eval.suite_root, the folder that holds its datasets")
 
     def __init__(self, cfg: config.Config):
         super().__init__(cfg)
@@ -132,17 +146,39 @@ class ClipTask(Task):
         return (max(size) if isinstance(size, (list, tuple)) else size), "keep_ratio"
 
     def evaluates(self) -> bool:
-        return bool(self.cfg.eval.zeroshot)
+        return bool(self.cfg.eval.zeroshot or self.cfg.eval.suite)
 
     def evaluate(self, model, device, dtype) -> Evaluation:
         from pipeline.eval.zeroshot import evaluate
 
-        r = evaluate(model, self.tokenizer, self.cfg.eval.zeroshot, self.image_transform(train=False),
-                     batch_size=self.cfg.eval.batch_size, device=device, dtype=dtype,
-                     num_workers=self.cfg.eval.num_workers)
-        return Evaluation({"eval/zeroshot_top1": r["top1"], "eval/zeroshot_top5": r["top5"]},
-                          summary=f"zero-shot {r['dataset']}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} "
-                                  f"(chance {r['chance']:.4f})")
+        scalars, summary = {}, []
+        if self.cfg.eval.zeroshot:
+            r = evaluate(model, self.tokenizer, self.cfg.eval.zeroshot, self.image_transform(train=False),
+                         batch_size=self.cfg.eval.batch_size, device=device, dtype=dtype,
+                         num_workers=self.cfg.eval.num_workers)
+            scalars.update({"eval/zeroshot_top1": r["top1"], "eval/zeroshot_top5": r["top5"]})
+            summary.append(f"zero-shot {r['dataset']}: top1 {r['top1']:.4f} top5 {r['top5']:.4f} "
+                           f"(chance {r['chance']:.4f})")
+        if self.cfg.eval.suite:
+            for name, (metric, value) in self._suite.evaluate(model, device, dtype).items():
+                scalars[f"eval/{name}/{metric}"] = value
+                summary.append(f"{name} {metric} {value:.4f}")
+        return Evaluation(scalars, summary="; ".join(summary))
+
+    @functools.cached_property
+    def _suite(self):
+        from pipeline.eval.suite_run import TrainingSubset
+
+        e = self.cfg.eval
+        return TrainingSubset(e.suite, e.suite_root, self.image_transform(train=False), self.tokenizer,
+                              e.suite_max_images, e.batch_size, e.num_workers)
+
+    def features(self, model, images):
+        """The image embedding, as the CLIP paper's linear probes use it."""
+        return {"image_embedding": model.encode_image(images)}
+
+    def zero_shot(self, model):
+        return model, self.tokenizer
 
     def example_batch(self, batch_size, device):
         size = open_clip.get_model_config(self.cfg.model.name)["vision_cfg"]["image_size"]

@@ -191,6 +191,10 @@ class VitTask(Task):
                           summary=f"val ({r['n']} images): top1 {r['top1']:.4f} top5 {r['top5']:.4f} "
                                   f"(chance {1 / self.cfg.model.num_classes:.4f})")
 
+    def features(self, model, images):
+        """timm's pre-logits: the pooled, normed token the head reads (the ViT paper's linear evaluation)."""
+        return {"pre_logits": model.forward_head(model.forward_features(images), pre_logits=True)}
+
 
 def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 images (..., 3, H, W) -> (x / 255 - mean) / std in `dtype`."""
