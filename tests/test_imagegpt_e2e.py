@@ -68,7 +68,7 @@ def test_samples_cli_and_per_layer_probe(demo):
 def test_export_loads_in_transformers_with_the_same_logits(demo, tmp_path):
     from transformers import ImageGPTForCausalImageModeling, ImageGPTImageProcessor
 
-    from pipeline.eval.__main__ import load_model
+    from pipeline.eval.checkpoints import load_model
 
     root, _ = demo
     r = subprocess.run([sys.executable, "-m", "pipeline.export", str(root / "run"), "--format", "timm"], cwd=ROOT,

@@ -357,7 +357,7 @@ def test_array_zeroshot_one_task_per_dataset(jobs, corpus, tmp_path):
     """`pipeline.eval zeroshot --slurm`: one array task per dataset; the merge job gathers them even when a task
     fails, and a rerun runs only what is missing."""
     from pipeline.eval.__main__ import main as eval_main
-    from pipeline.eval.__main__ import load_model
+    from pipeline.eval.checkpoints import load_model
     from pipeline.eval.zeroshot import evaluate
 
     run_dir, _ = jobs["train"]

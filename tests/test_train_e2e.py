@@ -97,7 +97,7 @@ def test_export_loads_in_open_clip(run_a, tmp_path):
     import open_clip
     import torch
 
-    from pipeline.eval.__main__ import load_model
+    from pipeline.eval.checkpoints import load_model
 
     run_dir, _ = run_a
     out = tmp_path / "clip.pt"

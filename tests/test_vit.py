@@ -149,3 +149,19 @@ def test_position_similarity_maps():
     assert s.shape == (3, 3, 3, 3) and torch.allclose(s[1, 2, 1, 2], torch.tensor(1.0))
     assert torch.allclose(s[0, 1].flatten(), torch.nn.functional.cosine_similarity(pos[1:2], pos))
     assert draw_similarity(s).size[0] > 3 * 3
+
+
+def test_linear_probe_features_are_timms_pre_logits():
+    """`Task.features` (the suite's linear probes): on what image_transform(train=False) gives, the pooled, normed
+    token the head reads, one (B, width) entry."""
+    from PIL import Image
+
+    task = _task(TINY)
+    model = task.build_model().eval()
+    images = torch.stack([task.image_transform(train=False)(Image.new("RGB", (40, 36), c))
+                          for c in ((200, 10, 10), (10, 200, 10))])
+    with torch.no_grad():
+        features = task.features(model, images)
+        logits = model(images)
+    assert list(features) == ["pre_logits"] and features["pre_logits"].shape == (2, model.embed_dim)
+    assert torch.allclose(model.head(features["pre_logits"]), logits, atol=1e-6)

@@ -67,7 +67,7 @@ def test_figures_are_written_and_in_tensorboard(demo):
 def test_export_loads_in_timm_with_the_same_logits(demo, tmp_path):
     import timm
 
-    from pipeline.eval.__main__ import load_model
+    from pipeline.eval.checkpoints import load_model
 
     root, _ = demo
     out = tmp_path / "vit.pth"

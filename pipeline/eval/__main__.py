@@ -26,26 +26,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline import checkpoint, config
-from pipeline.tasks import get_task
-
-
-def load_model(path: str | Path, device: str = "cpu"):
-    """The task and its model with fp32 weights from a run dir / checkpoint dir, without DeepSpeed engines."""
-    ckpt = checkpoint.resolve(path)
-    state = checkpoint.read_state(ckpt)
-    cfg = config.from_dict(state["config"], source=str(ckpt / checkpoint.STATE))
-    task = get_task(cfg.task)(cfg)
-    model = task.build_model(initial=False)
-    model.load_state_dict(checkpoint.consolidated_state_dict(ckpt))
-    return cfg, task, model.to(device).eval(), ckpt
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from pipeline.eval.checkpoints import default_device, load_model
 
 
 @dataclass
@@ -69,7 +55,7 @@ class ZeroShot:
     def __call__(self, dataset: str, model=None) -> dict:
         from pipeline.eval.zeroshot import evaluate
 
-        device = self.device or _default_device()
+        device = self.device or default_device()
         cfg, task, model, ckpt = model or load_model(self.checkpoint, device)
         result = evaluate(model, task.tokenizer, dataset, task.image_transform(train=False),
                           batch_size=self.batch_size, device=device, num_workers=self.workers)
@@ -95,11 +81,26 @@ class ZeroShot:
 
 @dataclass
 class _Gather:
-    job: ZeroShot
-    datasets: list[str]
+    job: Any  # ZeroShot or SuiteJob: what has .gather(items) -> the report
+    items: list[str]
 
     def __call__(self) -> dict:
-        return self.job.gather(self.datasets)
+        return self.job.gather(self.items)
+
+
+def _on_slurm(args, name: str, out: Path, job, todo: list[str], items: list[str], show, report: str) -> int:
+    """One array task per item still to do, then a merge job that gathers the report over all items."""
+    from launch import array
+
+    if not todo:
+        return show(job.gather(items), out)
+    request = array.ArrayRequest.from_args(args, name=name, gpus_per_task=1)
+    submitted = array.submit(request, out / "slurm", job, todo, _Gather(job, items))
+    print(submitted.describe(f"{len(todo)} of {len(items)} datasets"))
+    if not args.wait:
+        print(f"report: {out / report} once job {submitted.merge.job_id} ends")
+        return 0
+    return show(submitted.merge.result(), out)
 
 
 def _print(report: dict, out: Path) -> int:
@@ -124,31 +125,12 @@ def zeroshot(args) -> int:
     job = ZeroShot(str(ckpt), str(out.resolve()), args.batch_size, args.workers, args.device)
     todo = [d for d in paths if not job.done(d)]
     if args.slurm:
-        from launch import array
-
-        if not todo:
-            return _print(job.gather(paths), out)
-        request = array.ArrayRequest.from_args(args, name=f"zeroshot-{ckpt.name}", gpus_per_task=1)
-        submitted = array.submit(request, out / "slurm", job, todo, _Gather(job, paths))
-        print(submitted.describe(f"{len(todo)} of {len(paths)} datasets"))
-        if not args.wait:
-            print(f"report: {out / 'zeroshot.json'} once job {submitted.merge.job_id} ends")
-            return 0
-        return _print(submitted.merge.result(), out)
+        return _on_slurm(args, f"zeroshot-{ckpt.name}", out, job, todo, paths, _print, "zeroshot.json")
     if todo:
-        loaded = load_model(ckpt, args.device or _default_device())
+        loaded = load_model(ckpt, args.device or default_device())
         for d in todo:
             job(d, model=loaded)
     return _print(job.gather(paths), out)
-
-
-@dataclass
-class _GatherSuite:
-    job: "SuiteJob"  # noqa: F821
-    names: list[str]
-
-    def __call__(self) -> dict:
-        return self.job.gather(self.names)
 
 
 def _print_suite(report: dict, out: Path) -> int:
@@ -202,18 +184,8 @@ def suite_command(args) -> int:
     names = [s.name for s in specs]
     todo = [n for n in names if not job.done(n)]
     if args.slurm:
-        from launch import array
-
-        if not todo:
-            return _print_suite(job.gather(names), out)
-        request = array.ArrayRequest.from_args(args, name=f"suite-{ckpt.name if ckpt else args.model}",
-                                               gpus_per_task=1)
-        submitted = array.submit(request, out / "slurm", job, todo, _GatherSuite(job, names))
-        print(submitted.describe(f"{len(todo)} of {len(names)} datasets"))
-        if not args.wait:
-            print(f"report: {out / 'suite.json'} once job {submitted.merge.job_id} ends")
-            return 0
-        return _print_suite(submitted.merge.result(), out)
+        return _on_slurm(args, f"suite-{ckpt.name if ckpt else args.model}", out, job, todo, names, _print_suite,
+                         "suite.json")
     for n in todo:
         print(f"{n} ...", file=sys.stderr, flush=True)
         job(n)
@@ -225,7 +197,7 @@ def classify(args) -> int:
     from pipeline.eval.classify import labelled_batches, write_report
 
     ckpt = checkpoint.resolve(args.checkpoint).resolve()
-    device = args.device or _default_device()
+    device = args.device or default_device()
     cfg, task, model, _ = load_model(ckpt, device)
     results = []
     for dataset in args.dataset:
@@ -246,7 +218,7 @@ def vit_figures(args) -> int:
     from pipeline.metrics import Metrics
 
     ckpt = checkpoint.resolve(args.checkpoint).resolve()
-    device = args.device or _default_device()
+    device = args.device or default_device()
     cfg, task, model, _ = load_model(ckpt, device)
     if not hasattr(model, "patch_embed") or not hasattr(model, "blocks"):
         raise ValueError(f"{ckpt}: vit-figures reads a ViT (task: vit), this checkpoint holds task {cfg.task}")
@@ -287,7 +259,7 @@ def linear_probe(args) -> int:
     from pipeline.metrics import Metrics
 
     ckpt = checkpoint.resolve(args.checkpoint).resolve()
-    device = args.device or _default_device()
+    device = args.device or default_device()
     cfg, task, model, _ = load_model(ckpt, device)
 
     def features(source: str):
@@ -329,7 +301,7 @@ def imagegpt_samples(args) -> int:
     from pipeline.metrics import Metrics
 
     ckpt = checkpoint.resolve(args.checkpoint).resolve()
-    device = args.device or _default_device()
+    device = args.device or default_device()
     cfg, task, model, _ = load_model(ckpt, device)
     if not hasattr(task, "sample_grids") or cfg.model.objective != "ar":
         raise ValueError(f"{ckpt}: imagegpt-samples samples an autoregressive ImageGPT (task: imagegpt, "

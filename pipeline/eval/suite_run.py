@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.eval import datasets, metrics, suite
+from pipeline.eval.checkpoints import default_device
 
 log = logging.getLogger("pipeline")
 EXAMPLES = 4  # images per dataset in the examples figure
@@ -66,7 +67,7 @@ def load_subject(checkpoint: str | None = None, pretrained: str | None = None, m
                        lambda x: {"image_embedding": model.encode_image(x)},
                        (model, open_clip.get_tokenizer(model_name)))
     from pipeline import checkpoint as ckpts
-    from pipeline.eval.__main__ import load_model
+    from pipeline.eval.checkpoints import load_model
 
     cfg, task, model, ckpt = load_model(checkpoint, device)
     return Subject(str(ckpt), ckpts.read_state(ckpt)["step"], model, task.image_transform(train=False),
@@ -140,10 +141,6 @@ def _capped(batches, max_images: int):
         yield images, targets, skipped
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _atomic_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -210,7 +207,7 @@ class SuiteJob:
     def subject(self) -> Subject:
         if self._subject is None:
             self._subject = load_subject(self.checkpoint, self.pretrained, self.model_name,
-                                         self.device or _default_device())
+                                         self.device or default_device())
         return self._subject
 
     def __getstate__(self):  # pickled for array tasks without the loaded model
@@ -368,7 +365,7 @@ class SuiteJob:
         test_x, test_y, test_skipped = self._features(spec, subject, test, "test")
         backend = self.probe_backend
         if backend == "auto":
-            backend = "torch" if (self.device or _default_device()).startswith("cuda") else "sklearn"
+            backend = "torch" if (self.device or default_device()).startswith("cuda") else "sklearn"
         results = {name: lp.probe(train_x[name], train_y, test_x[name], test_y, backend=backend,
                                   max_iter=self.probe_max_iter, device=self.device) for name in train_x}
         layer = max(results, key=lambda k: results[k].val_accuracy)  # chosen on validation, never on test
