@@ -9,7 +9,8 @@ Everything is sized on the meta device (nothing allocated, seconds on a laptop):
 - model state follows the ZeRO paper (Rajbhandari et al. 2020): with fp16/bf16, 2 bytes per parameter of weights,
   2 of gradients and 12 of optimizer state (fp32 master, Adam m and v); in fp32, 4 + 4 + 8. Stage 1 splits the
   optimizer state over the ranks, stage 2 the gradients too, stage 3 the weights too; offload moves them to CPU;
-- DeepSpeed's communication buffers use its own defaults for our ds_config (pipeline/engine.py);
+- DeepSpeed's communication buffers follow our ds_config (pipeline/engine.py: zero.reduce_bucket_size, overlap_comm,
+  contiguous_gradients; DeepSpeed's own defaults where they are not set);
 - host memory per node for the loader: per rank, data.num_workers workers, each holding its own LOADER_WORKER_MIB
   (measured by bench.loader_memory; shard indexes, not shards, so it does not grow with the shards) and the
   batches it keeps ready (pipeline/data.py PREFETCH, micro-batches as the loader delivers them: Task.loader_batch).
@@ -199,15 +200,20 @@ def _traced(task, model: nn.Module, micro_batch: int, dtype: torch.dtype, checkp
 
 
 def _buffer_bytes(cfg: config.Config, n: int, ranks: int, width: int) -> float:
-    """DeepSpeed's own buffers for our ds_config: ZeRO-1/2 reduce gradients through a bucket of
-    reduce_bucket_size elements; ZeRO-3 gathers up to max_live_parameters weights at a time."""
+    """DeepSpeed's own buffers for our ds_config (its defaults where zero.* leaves them): ZeRO-1/2 with
+    contiguous_gradients allocate reduce_bucket_size elements for the gradients being reduced, twice with
+    overlap_comm, at full size whatever the model's (stage_1_and_2.py setup_buckets; ZeRO-1 stages them in fp32),
+    and without it flatten up to a bucket at a time; ZeRO-3 gathers up to max_live_parameters weights at a time."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from pipeline.engine import ds_config
 
     zero = DeepSpeedZeroConfig(**ds_config(cfg, ranks)["zero_optimization"])
     if cfg.zero.stage in (1, 2):
-        return min(n, zero.reduce_bucket_size) * width
+        if not zero.contiguous_gradients:
+            return min(n, zero.reduce_bucket_size) * width
+        reduction_width = 4 if cfg.zero.stage == 1 else width
+        return zero.reduce_bucket_size * (2 if zero.overlap_comm else 1) * reduction_width
     if cfg.zero.stage == 3:
         return (min(n, zero.max_live_parameters) + min(n, zero.prefetch_bucket_size)) * width
     return 0.0
@@ -235,7 +241,8 @@ def render(p: Plan) -> str:
         f"  optimizer    {_gb(p.optimizer)}  ({'fp32 master + Adam m, v' if p.precision != 'fp32' else 'Adam m, v'})",
         f"  activations  {_gb(p.activations)}  (micro-batch {p.micro_batch}, traced on the meta device"
         + (f", {p.activations_note})" if p.activations_note else ")"),
-        f"  buffers      {_gb(p.buffers)}  (DeepSpeed communication buckets)",
+        f"  buffers      {_gb(p.buffers)}  (DeepSpeed communication buckets: zero.reduce_bucket_size, "
+        "overlap_comm, contiguous_gradients)",
         f"  total        {_gb(p.total)} of {c.memory_gb:g} GiB: "
         + ("fits" if p.fits else f"DOES NOT FIT (limit {HEADROOM:.0%} of memory)"),
         f"host/node    loader {_gb(p.loader_per_node)}  ({p.ranks // p.nodes} ranks x {p.loader_workers} workers, each "

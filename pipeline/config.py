@@ -83,6 +83,14 @@ class ZeroConfig:
     stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
+    # DeepSpeed's communication; null: DeepSpeed's own default. With contiguous_gradients (default on), ZeRO-1/2
+    # allocate a gradient buffer of reduce_bucket_size elements (two with overlap_comm) whatever the model's size:
+    # DeepSpeed's 5e8 is 1 GB in bf16, 2 GB in fp32, per rank (`launch plan` counts it). allgather_bucket_size
+    # chunks the gathering of updated weights after the step.
+    reduce_bucket_size: Optional[int] = None  # elements
+    allgather_bucket_size: Optional[int] = None  # elements
+    overlap_comm: Optional[bool] = None  # reduce a bucket while backward computes the next (DeepSpeed: ZeRO-3 only)
+    contiguous_gradients: Optional[bool] = None  # copy gradients into that buffer as backward produces them
 
 
 @dataclass
@@ -191,6 +199,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, device: Optional[str
         raise ConfigError(f"zero.offload_params=true needs zero.stage=3 (got {z.stage})")
     if z.offload_optimizer and z.stage == 0:
         raise ConfigError("zero.offload_optimizer=true needs zero.stage >= 1")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if getattr(z, key) is not None and getattr(z, key) <= 0:
+            raise ConfigError(f"zero.{key}={getattr(z, key)}: must be a positive number of elements")
     for key in ("steps", "global_batch_size", "micro_batch_size", "log_every", "save_every", "keep_last",
                 "max_skipped_in_a_row"):
         if getattr(t, key) <= 0:

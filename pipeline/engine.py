@@ -6,11 +6,14 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from pipeline.config import Config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# zero.* keys passed to DeepSpeed's zero_optimization as they are, when set
+COMM_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients")
 
 
 def grad_accumulation(cfg: Config, world_size: int) -> int:
@@ -25,6 +28,7 @@ def ds_config(cfg: Config, world_size: int, universal: bool = False) -> dict[str
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    zero.update({k: getattr(z, k) for k in COMM_KEYS if getattr(z, k) is not None})
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -92,6 +96,26 @@ class Engine:
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(cfg, world_size, universal),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+
+    def average_buffers(self) -> None:
+        """Every rank's BatchNorm running statistics become their mean over the ranks (ResNet towers).
+
+        Each rank's statistics follow its own batches, and a checkpoint keeps rank 0's module state while evaluation
+        runs on rank 0: averaged first, both describe every rank's data. (The mean of the ranks' running variances,
+        without the variance between their running means: as the ranks' batches come from one distribution, that
+        term is of the order of the noise the running averages already hold.) Training itself is unchanged: each
+        rank normalises with its own batch's statistics, as DDP without SyncBatchNorm does."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        stats = [b for m in self.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 for b in (m.running_mean, m.running_var) if b is not None]
+        if not stats:
+            return
+        flat = torch.cat([b.detach().float().reshape(-1) for b in stats])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for b, mean in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(mean.view_as(b))
 
     @property
     def module(self) -> torch.nn.Module:

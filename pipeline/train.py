@@ -73,12 +73,16 @@ def train(cfg: config.Config, device: str) -> dict:
                     "train/skipped_steps": engine.skipped_steps, **_data_health(stream, info.is_main, device),
                     **{f"train/{k}": v for k, v in logs.items()}, **_memory(device, info.world_size)})
             stop = _all_agree(STOP.is_set(), device)
-            if stop or step % cfg.train.save_every == 0 or step == cfg.train.steps:
+            saving = stop or step % cfg.train.save_every == 0 or step == cfg.train.steps
+            evaluating = task.evaluates() and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0)
+            if saving or evaluating:
+                engine.average_buffers()  # what rank 0 saves and evaluates describes every rank's data
+            if saving:
                 checkpoint.save(engine, ckpt_dir, step, {
                     "step": step, "samples": samples, "world_size": info.world_size, "zero_stage": cfg.zero.stage,
                     "model": cfg.model.name, "config": config.to_dict(cfg)}, {"data": stream.state_dict()},
                     cfg.train.keep_last)
-            if task.evaluates() and (step == cfg.train.steps or cfg.eval.every and step % cfg.eval.every == 0):
+            if evaluating:
                 last.update(_evaluate(cfg, task, engine, step, metrics, info, device))
             if stop:
                 if info.is_main:

@@ -34,9 +34,34 @@ def test_ds_config_accumulation_and_precision():
     assert ds_config(cfg, 4)["fp16"]["enabled"] and ds_config(cfg, 4)["fp16"]["loss_scale"] == 0  # dynamic
 
 
+def test_zero_communication_keys_reach_deepspeed_only_when_set():
+    cfg = config.load(TINY)
+    zero = ds_config(cfg, 2)["zero_optimization"]
+    assert set(zero) == {"stage"}  # DeepSpeed's own defaults
+    cfg = config.load(TINY, ["zero.reduce_bucket_size=20000000", "zero.allgather_bucket_size=30000000",
+                             "zero.overlap_comm=true", "zero.contiguous_gradients=false"])
+    zero = ds_config(cfg, 2)["zero_optimization"]
+    assert zero == {"stage": 2, "reduce_bucket_size": 20_000_000, "allgather_bucket_size": 30_000_000,
+                    "overlap_comm": True, "contiguous_gradients": False}
+    with pytest.raises(config.ConfigError, match=r"zero.reduce_bucket_size=0: must be a positive number"):
+        config.validate(config.load(TINY, ["zero.reduce_bucket_size=0"]))
+
+
 @pytest.fixture(scope="module")
 def process_group():
     distributed.init("cpu")
+
+
+def test_zero_communication_keys_configure_the_engines_optimizer(process_group):
+    cfg = config.load(TINY, ["train.global_batch_size=8", "train.micro_batch_size=8", "zero.stage=2",
+                             "zero.reduce_bucket_size=12345", "zero.allgather_bucket_size=23456",
+                             "zero.overlap_comm=true", "zero.contiguous_gradients=true"])
+    task = ClipTask(cfg)
+    model = task.build_model()
+    engine = Engine(cfg, model, task.param_groups(model), "cpu", 1)
+    zero = engine.model.optimizer  # DeepSpeedZeroOptimizer
+    assert (zero.reduce_bucket_size, zero.allgather_bucket_size) == (12345, 23456)
+    assert zero.overlap_comm and zero.contiguous_gradients
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

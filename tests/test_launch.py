@@ -143,6 +143,20 @@ def test_plan_model_state_follows_the_zero_paper():
     assert off.weights == 0 and off.optimizer == 0
 
 
+def test_plan_counts_the_gradient_buckets_the_config_sets():
+    """ZeRO-1/2 with contiguous gradients allocate reduce_bucket_size elements whatever the model's size (two with
+    overlap_comm): DeepSpeed's default 5e8 is 1 GB in bf16 for a ViT-B/32 CLIP of 151M parameters."""
+    args = ("configs/clip/vit_b32.yaml", "a100", 1)
+    assert plan.make(*args, overrides=["zero.stage=2"]).buffers == 5e8 * 2
+    assert plan.make(*args, overrides=["zero.stage=2", "zero.reduce_bucket_size=50000000"]).buffers == 5e7 * 2
+    assert plan.make(*args, overrides=["zero.stage=2", "zero.reduce_bucket_size=50000000",
+                                       "zero.overlap_comm=true"]).buffers == 2 * 5e7 * 2
+    assert plan.make(*args, overrides=["zero.stage=1", "zero.reduce_bucket_size=50000000"]).buffers == 5e7 * 4
+    lean = plan.make(*args, overrides=["zero.stage=2", "zero.contiguous_gradients=false"])
+    assert lean.buffers == lean.parameters * 2  # at most one bucket of the model's gradients flattened at a time
+    assert "zero.reduce_bucket_size" in plan.render(plan.make(*args, overrides=["zero.stage=2"]))
+
+
 def test_plan_time_is_samples_over_throughput():
     p = plan.make("configs/clip/vit_l14.yaml", "v100", 32, mfu=0.2)
     assert p.ranks == 256 and p.precision == "fp16"

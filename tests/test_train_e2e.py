@@ -129,3 +129,35 @@ def test_a_damaged_shard_is_reported_once_per_run(tmp_path, corpus):
     lines = [ln for ln in r.stderr.splitlines() if "00002.tar is damaged" in ln]
     assert len(lines) == 1 and "samples readable" in lines[0], r.stderr[-3000:]
     assert scalars(tmp_path / "run")["data/skipped"][12] >= 2  # each opening of it counted, on every rank
+
+
+def test_resnet_tower_trains_resumes_and_exports_to_open_clip(tmp_path, corpus):
+    """The tiny ResNet CLIP (open_clip's ModifiedResNet, BatchNorm throughout) on 2 ranks: trains, resumes from its
+    checkpoint, and the export loads in open_clip with the same outputs in eval mode, where BatchNorm uses the
+    running statistics: those of the checkpoint, averaged over the ranks before it was saved."""
+    import open_clip
+    import torch
+
+    from pipeline.eval.checkpoints import load_model
+
+    common = ["train.global_batch_size=64", "train.micro_batch_size=32", "train.save_every=6", "train.log_every=3",
+              "optim.warmup_steps=2", "eval.zeroshot=null"]
+    cmd = [sys.executable, "-m", "launch", "local", "configs/clip/tiny_rn_cpu.yaml", "--nproc", "2",
+           f"data.train={corpus}/{{00000..00003}}.tar", f"run.dir={tmp_path / 'run'}", *common]
+    for steps in (6, 9):  # the second run resumes from the first's step-6 checkpoint
+        r = subprocess.run([*cmd, f"train.steps={steps}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "resuming from step 6" in r.stdout + r.stderr
+    loss = scalars(tmp_path / "run")["train/loss"]
+    assert sorted(loss) == [3, 6, 9]
+    out = tmp_path / "rn.pt"
+    r = subprocess.run([sys.executable, "-m", "pipeline.export", str(tmp_path / "run"), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = load_model(tmp_path / "run")[2]
+    theirs = open_clip.create_model("CLIP-tiny-RN", pretrained=str(out)).eval()
+    bn = theirs.visual.bn1
+    assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # trained statistics, not the init
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(theirs.encode_image(image), ours.encode_image(image))

@@ -1,5 +1,6 @@
 """Two real processes over gloo: ZeRO stages 0-3 follow the same loss trajectory (CLIP, ViT, and ImageGPT, which
-ZeRO-3 builds under deepspeed.zero.Init), and open_clip's
+ZeRO-3 builds under deepspeed.zero.Init; DeepSpeed's communication knobs), BatchNorm statistics are averaged over the
+ranks (the ResNet tower), and open_clip's
 distributed CLIP loss (features all-gathered with gradients) equals the single-process loss on the concatenated
 batch."""
 import os
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs/clip/tiny_cpu.yaml")
 TINY_VIT = str(ROOT / "configs/vit/tiny_cpu.yaml")
 TINY_IGPT = str(ROOT / "configs/imagegpt/tiny_cpu.yaml")
+TINY_RN = str(ROOT / "configs/clip/tiny_rn_cpu.yaml")
 WORLD, STEPS, ACCUMULATION, MICRO = 2, 5, 2, 4
 pytestmark = pytest.mark.slow
 VARIANTS = {  # CPU offload runs the optimizer in DeepSpeedCPUAdam (a JIT-built C++ op, cached after the first run)
@@ -20,6 +22,12 @@ VARIANTS = {  # CPU offload runs the optimizer in DeepSpeedCPUAdam (a JIT-built 
     "ZeRO-2 + optimizer offload": ["zero.stage=2", "zero.offload_optimizer=true"],
     "ZeRO-3 + optimizer and parameter offload": ["zero.stage=3", "zero.offload_optimizer=true",
                                                  "zero.offload_params=true"],
+    # DeepSpeed's communication knobs change how gradients travel, not what they are: many small buckets,
+    # reduction overlapped with backward, gradients left where backward put them
+    "ZeRO-2 + small buckets, overlap_comm": ["zero.stage=2", "zero.reduce_bucket_size=20000",
+                                             "zero.allgather_bucket_size=20000", "zero.overlap_comm=true"],
+    "ZeRO-1 without contiguous_gradients": ["zero.stage=1", "zero.contiguous_gradients=false",
+                                            "zero.reduce_bucket_size=50000"],
 }
 
 
@@ -75,6 +83,21 @@ def _worker(rank, port, out):
             losses.append(total.item() / (ACCUMULATION * WORLD))
         results["losses"][f"{family} {variant}"] = losses
 
+    # The ResNet tower's BatchNorm statistics: each rank's follow its own batches until average_buffers.
+    cfg = config.load(TINY_RN, [f"train.micro_batch_size={MICRO}", f"train.global_batch_size={MICRO * WORLD}",
+                                "eval.zeroshot=null"])
+    task = get_task(cfg.task)(cfg)
+    torch.manual_seed(0)
+    model = task.build_model()
+    engine = Engine(cfg, model, task.param_groups(model), "cpu", WORLD)
+    loss, _ = task.loss(engine.model, _batch(task, 99 + rank, MICRO))
+    engine.backward(loss)
+    engine.step()
+    bn = engine.module.visual.bn1
+    results["bn_before"] = (bn.running_mean.clone(), bn.running_var.clone())
+    engine.average_buffers()
+    results["bn_after"] = (bn.running_mean.clone(), bn.running_var.clone())
+
     # Distributed loss vs one process on the whole batch, for both of open_clip's modes.
     cfg = config.load(TINY)
     for local_loss in (False, True):
@@ -128,6 +151,17 @@ def test_zero_stages_follow_the_same_loss_trajectory(results, family, variants):
     assert reference[-1] < reference[0]  # it trains
     for variant in variants:
         assert losses[f"{family} {variant}"] == pytest.approx(reference, rel=1e-5, abs=1e-6), variant
+
+
+def test_batchnorm_statistics_are_averaged_over_ranks(results):
+    """Ranks' running statistics differ (their batches do); after Engine.average_buffers every rank holds their
+    mean, so the checkpoint (rank 0's module state) and rank 0's evaluation describe both ranks' data."""
+    before = [r["bn_before"] for r in results]
+    after = [r["bn_after"] for r in results]
+    for i in (0, 1):  # running_mean, running_var
+        assert not torch.allclose(before[0][i], before[1][i])
+        mean = (before[0][i] + before[1][i]) / 2
+        assert torch.allclose(after[0][i], mean, atol=1e-7) and torch.equal(after[0][i], after[1][i])
 
 
 @pytest.mark.parametrize("local_loss", [False, True])

@@ -148,6 +148,9 @@ def _print_suite(report: dict, out: Path) -> int:
                 print(f"{r['dataset']}: {label} {m['status']}: {m.get('reason', '')}")
         if r["status"] == "not found":
             print(f"{r['dataset']}: not found: {r['reason']}")
+        elif r["status"] == "failed":
+            print(f"{r['dataset']}: failed: {r['reason']}", file=sys.stderr)
+            missing.append(r["dataset"])
         elif r["status"].startswith("missing"):
             missing.append(r["dataset"])
     if missing:

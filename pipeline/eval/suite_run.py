@@ -233,6 +233,11 @@ class SuiteJob:
                 result["linear_probe"] = previous.get("linear_probe") or self._linear_probe(spec, subject, test)
         except datasets.Unavailable as e:
             result.update(status="not found", reason=str(e))
+        except Exception as e:  # costs this dataset, not the others: the report names it, a rerun retries it
+            if self._subject is None:
+                raise  # the model itself cannot be loaded: no dataset can run
+            log.exception("%s: evaluation failed", name)
+            result.update(status="failed", reason=f"{type(e).__name__}: {e}")
         _atomic_json(self.result_path(name), result)
         return result
 
