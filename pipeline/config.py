@@ -76,6 +76,9 @@ class TrainConfig:
     seed: int = 0
     max_skipped_in_a_row: int = 50  # optimizer steps skipped for non-finite gradients before the run aborts
     peak_tflops: float = 0.0  # dense peak of one rank in train.precision, for MFU (set from the cluster profile)
+    # torch.compile the model inside the DeepSpeed engine (nn.Module.compile, in place: checkpoints keep their keys);
+    # the first step pays the compilation, which the log shows
+    compile: bool = False
 
 
 @dataclass

@@ -96,6 +96,8 @@ class Engine:
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(cfg, world_size, universal),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        if cfg.train.compile:
+            self.model.compile()  # DeepSpeed compiles its module in place, with the accelerator's backend
 
     def average_buffers(self) -> None:
         """Every rank's BatchNorm running statistics become their mean over the ranks (ResNet towers).

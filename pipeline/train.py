@@ -59,9 +59,15 @@ def train(cfg: config.Config, device: str) -> dict:
         metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(), cfg.train.peak_tflops * 1e12)
         cleanup.callback(metrics.close)
         last: dict[str, float] = {}
+        first = True  # this process's first step
         while step < cfg.train.steps:
             lr = engine.lr
+            started = time.perf_counter()
             loss, logs = _optimizer_step(task, engine, stream, metrics)
+            if cfg.train.compile and info.is_main and first:
+                log.info("train.compile: the first step took %.1f s (torch.compile's compilation included)",
+                         time.perf_counter() - started)
+            first = False
             step += 1
             samples += cfg.train.global_batch_size
             faults.at_step(step, info.rank)

@@ -124,3 +124,52 @@ def test_zero0_stops_at_the_first_nonfinite_loss_and_nan_weights_are_never_saved
     with pytest.raises(NonFiniteError, match="weights hold NaN/Inf; not saving"):
         checkpoint.save(engine, tmp_path, 1, {"step": 1}, {}, keep_last=1)
     assert not any(tmp_path.iterdir())
+
+
+def _three_steps(path, *overrides, check=None) -> tuple[list[float], Engine, list[str]]:
+    """Losses of 3 steps of a tiny CLIP from seed 0 on fixed batches, the engine, and the model's state-dict keys
+    before DeepSpeed wrapped it; check(task, engine, batch) looks at each batch on the device."""
+    cfg = config.load(path, ["train.global_batch_size=8", "train.micro_batch_size=8", "eval.zeroshot=null",
+                             *overrides])
+    task = ClipTask(cfg)
+    torch.manual_seed(0)
+    model = task.build_model()
+    keys = list(model.state_dict())
+    engine = Engine(cfg, model, task.param_groups(model), "cpu", 1)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(3):
+        batch = task.on_device({"image": torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8, generator=g),
+                                "text": torch.randint(1, 400, (8, 32), generator=g)}, torch.float32)
+        if check:
+            check(task, engine, batch)
+        loss, _ = task.loss(engine.model, batch)
+        engine.backward(loss)
+        engine.step()
+        out.append(loss.item())
+    return out, engine, keys
+
+
+def test_train_compile_compiles_the_module_and_keeps_the_trajectory(process_group):
+    """train.compile: DeepSpeed compiles its module in place (state-dict keys unchanged, so checkpoints are the
+    same), and the losses of 3 steps equal the eager ones to float tolerance."""
+    eager, _, _ = _three_steps(TINY, "zero.stage=2")
+    compiled, engine, keys = _three_steps(TINY, "zero.stage=2", "train.compile=true")
+    assert engine.model.is_compiled and list(engine.module.state_dict()) == keys
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_channels_last_resnet_tower_keeps_the_trajectory(process_group):
+    """model.channels_last (ResNet towers): the batch reaches the model in NHWC layout, so do the tower's
+    activations, and the losses equal the NCHW ones to float tolerance."""
+    rn = TINY.parent / "tiny_rn_cpu.yaml"
+
+    def layout(task, engine, batch):
+        visual = engine.module.visual
+        stem = visual.act1(visual.bn1(visual.conv1(batch["image"])))
+        for x in (batch["image"], stem):
+            assert x.is_contiguous(memory_format=torch.channels_last) == task.cfg.model.channels_last
+
+    nhwc, _, _ = _three_steps(rn, "zero.stage=0", "model.channels_last=true", check=layout)
+    nchw, _, _ = _three_steps(rn, "zero.stage=0", check=layout)
+    assert nhwc == pytest.approx(nchw, rel=1e-4)

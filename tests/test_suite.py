@@ -99,10 +99,23 @@ def test_a_torchvision_root_that_is_not_one_is_reported(tmp_path):
         datasets.open_split(suite.BY_NAME["food101"], tmp_path / "food101", "test", lambda im: im)
 
 
-def _suite(*args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "pipeline.eval", "suite", "--workers", "0", "--batch-size", "16",
-                        *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    return r
+def _suite(*args):
+    """`python -m pipeline.eval suite ARGS` as users run it, in its own process."""
+    return subprocess.run([sys.executable, "-m", "pipeline.eval", "suite", "--workers", "0", "--batch-size", "16",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _suite_here(*args):
+    """The same main(), in this process: the imports are paid once."""
+    import contextlib
+    import io
+
+    from pipeline.eval.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["suite", "--workers", "0", "--batch-size", "16", *args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +177,7 @@ def test_names_templates_and_metrics_are_the_registrys(evaluated):
 def test_rerun_is_exact_and_computes_only_what_is_missing(evaluated, data_root, tmp_path):
     run_dir, out, _ = evaluated
     before = {p.name: p.stat().st_mtime_ns for p in (out / "suite").glob("*.json")}
-    r = _suite("--checkpoint", str(run_dir), "--data-root", str(data_root), "--linear-probe", "--out", str(out))
+    r = _suite_here("--checkpoint", str(run_dir), "--data-root", str(data_root), "--linear-probe", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     after = {p.name: p.stat().st_mtime_ns for p in (out / "suite").glob("*.json")}
     done = {f"{n}.json" for n in ("eurosat", "voc2007", "food101", "mnist", "pets", "kinetics700", "hateful_memes")}
@@ -172,8 +185,8 @@ def test_rerun_is_exact_and_computes_only_what_is_missing(evaluated, data_root, 
     assert all(after[n] > before[n] for n in set(before) - done)  # absent ones are looked for again
     # A second evaluation from scratch gives the same numbers to the last digit.
     again = tmp_path / "again"
-    r = _suite("--checkpoint", str(run_dir), "--data-root", str(data_root), "--linear-probe", "--out", str(again),
-               "--datasets", "eurosat,pets,voc2007,hateful_memes")
+    r = _suite_here("--checkpoint", str(run_dir), "--data-root", str(data_root), "--linear-probe", "--out",
+                    str(again), "--datasets", "eurosat,pets,voc2007,hateful_memes")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("eurosat", "pets", "voc2007", "hateful_memes"):
         a, b = (json.loads((d / "suite" / f"{name}.json").read_text()) for d in (out, again))
@@ -204,12 +217,12 @@ def test_tensorboard_gets_the_scalars_and_figures_at_the_checkpoints_step(evalua
 def test_open_clip_weights_score_as_the_checkpoint_they_came_from(evaluated, data_root, tmp_path):
     """`--pretrained FILE --model NAME`: the same model exported to open_clip's format gives the same numbers."""
     run_dir, out, _ = evaluated
+    from pipeline.export import main as export
+
     weights = tmp_path / "clip.pt"
-    r = subprocess.run([sys.executable, "-m", "pipeline.export", str(run_dir), "--out", str(weights)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _suite("--pretrained", str(weights), "--model", "CLIP-tiny", "--data-root", str(data_root),
-               "--datasets", "eurosat,kinetics700", "--out", str(tmp_path / "pretrained"))
+    assert export([str(run_dir), "--out", str(weights)]) == 0
+    r = _suite_here("--pretrained", str(weights), "--model", "CLIP-tiny", "--data-root", str(data_root),
+                    "--datasets", "eurosat,kinetics700", "--out", str(tmp_path / "pretrained"))
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("eurosat", "kinetics700"):
         ours, theirs = (json.loads((d / "suite" / f"{name}.json").read_text())
@@ -219,8 +232,8 @@ def test_open_clip_weights_score_as_the_checkpoint_they_came_from(evaluated, dat
 
 
 def test_bad_arguments_are_one_line(tmp_path):
-    r = _suite("--data-root", str(tmp_path), timeout=120)
+    r = _suite_here("--data-root", str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: give --checkpoint RUN")
-    r = _suite("--pretrained", str(tmp_path / "none.pt"), "--model", "CLIP-tiny", "--data-root", str(tmp_path),
-               "--out", str(tmp_path / "o"), timeout=120)
+    r = _suite_here("--pretrained", str(tmp_path / "none.pt"), "--model", "CLIP-tiny", "--data-root", str(tmp_path),
+                    "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "none.pt: no such file" in r.stderr.strip().splitlines()[-1]

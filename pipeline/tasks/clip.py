@@ -62,6 +62,11 @@ class ClipModelConfig(config.ModelConfig):
     local_loss: bool = False  # each rank scores its own images against all texts: O(n) instead of O(n^2)/rank
     gather_with_grad: bool = True  # all-gather features with gradients (required for exact gradients)
     grad_checkpointing: bool = False
+    # ResNet towers on GPUs: convolutions in channels-last (NHWC) layout, which tensor-core kernels read without
+    # transposing. The batch goes to the model in that layout, and convolutions follow their input's layout
+    # (cuDNN and oneDNN pick channels-last when the input is). The weights stay NCHW: DeepSpeed views parameters as
+    # bytes to broadcast and flattens them into contiguous buffers, neither of which takes NHWC strides.
+    channels_last: bool = False
 
 
 class ClipTask(Task):
@@ -118,6 +123,8 @@ class ClipTask(Task):
 
     def on_device(self, batch, dtype):
         batch["image"] = normalize_uint8(batch["image"], self._train_image[1], dtype)
+        if self.cfg.model.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         return batch
 
     def loss(self, model, batch):
