@@ -1,7 +1,12 @@
 """A whole training run, side by side: ours (`launch local`) against `open_clip_train.main` under torchrun.
 
-    python -m bench.train [--model CLIP-tiny] [--steps 40] [--global-batch 256] [--ranks 2] [--workers 2]
+    python -m bench.train [--config configs/clip/tiny_cpu.yaml] [--model CLIP-tiny] [--precision fp32]
+                          [--steps 40] [--global-batch 256] [--ranks 2] [--workers 2] [--peak-tflops T]
                           [--rounds 2] [--write]
+
+On a GPU node, e.g. `--config configs/clip/vit_b32.yaml --model ViT-B-32 --precision bf16 --peak-tflops 989
+--ranks 8 --global-batch 2048 --workers 8` (H100: 989 dense bf16 TFLOP/s); the corpus is then written at the
+model's image size.
 
 Both sides train the same open_clip model config on the same WebDataset shards (the demo corpus: captioned
 coloured shapes, 2,000 JPEGs at 32 px in 4 shards), with the same global batch, precision (fp32 on CPU), number of
@@ -12,6 +17,10 @@ TensorBoard's `train/samples_per_s` (per log window), theirs from the global bat
 data wait is the fraction of step time spent waiting for the loader (ours `train/data_wait_fraction`, theirs
 `Data (t)` / `Batch (t)`). Checked: the same parameter count, the same samples seen, the loss falling on both.
 Forward/backward/step are not split out: open_clip_train does not time them separately.
+
+MFU (with --peak-tflops, one rank's dense peak in --precision): ours from `train/mfu`, theirs from their samples/s
+and the same FLOPs per sample (our task's count of the same model). --write also records ours in
+bench/measured_mfu.json, which `launch plan` shows beside its assumed MFU for that model on that hardware.
 """
 from __future__ import annotations
 
@@ -28,13 +37,13 @@ from bench.common import ROOT, machine, median_range, write_section
 WINDOW = 5  # steps per log window
 
 
-def make_shards(root: Path, images: int) -> str:
+def make_shards(root: Path, images: int, size: int) -> str:
     import pandas as pd
     import webdataset as wds
 
     from data_tools.demo_corpus import make_corpus
 
-    make_corpus(root, n_train=images, n_val=24, seed=0, size=32)
+    make_corpus(root, n_train=images, n_val=24, seed=0, size=size)
     rows = pd.read_parquet(root / "train.parquet")
     per = -(-len(rows) // 4)
     for s in range(4):
@@ -45,8 +54,9 @@ def make_shards(root: Path, images: int) -> str:
 
 
 def ours(shards: str, run: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "launch", "local", "configs/clip/tiny_cpu.yaml", "--nproc", str(args.ranks),
-           f"model.name={args.model}", f"data.train={shards}", f"run.dir={run}", f"train.steps={args.steps}",
+    cmd = [sys.executable, "-m", "launch", "local", args.config, "--nproc", str(args.ranks),
+           f"model.name={args.model}", f"train.precision={args.precision}", f"train.peak_tflops={args.peak_tflops}",
+           f"data.train={shards}", f"run.dir={run}", f"train.steps={args.steps}",
            f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={args.global_batch // args.ranks}",
            f"data.num_workers={args.workers}", f"train.log_every={WINDOW}", "train.save_every=1000000",
            "eval.zeroshot=null", "optim.warmup_steps=10", "optim.lr=1e-3"]
@@ -58,12 +68,14 @@ def ours(shards: str, run: Path, args) -> dict:
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     s = {tag: [e.value for e in acc.Scalars(tag)] for tag in ("train/samples_per_s", "train/data_wait_fraction",
-                                                               "train/loss")}
+                                                               "train/loss", "train/mfu")}
     return {"samples_per_s": statistics.median(s["train/samples_per_s"][1:]),
+            "mfu": statistics.median(s["train/mfu"][1:]) if args.peak_tflops else None,
             "data_wait": statistics.median(s["train/data_wait_fraction"][1:]),
             "loss": (s["train/loss"][0], s["train/loss"][-1]), "samples": args.steps * args.global_batch}
 
 
+AMP = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}  # open_clip_train's --precision for ours
 LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/.*Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),.*Contrastive_loss: "
                   r"([\d.]+)")
 
@@ -74,7 +86,7 @@ def theirs(shards: str, logs: Path, args) -> dict:
            "--", str(ROOT / "bench" / "open_clip_train_entry.py"), "--train-data", shards, "--dataset-type", "webdataset",
            "--dataset-resampled", "--train-num-samples", str(samples), "--epochs", "1",
            "--batch-size", str(args.global_batch // args.ranks), "--workers", str(args.workers),
-           "--model", args.model, "--precision", "fp32", "--lr", "1e-3", "--warmup", "10", "--wd", "0.1",
+           "--model", args.model, "--precision", AMP[args.precision], "--lr", "1e-3", "--warmup", "10", "--wd", "0.1",
            "--log-every-n-steps", str(WINDOW), "--save-frequency", "0", "--logs", str(logs), "--name", "bench",
            "--dist-backend", "gloo", "--report-to", ""]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
@@ -86,7 +98,9 @@ def theirs(shards: str, logs: Path, args) -> dict:
     seen = int(windows[-1][0])
     rates = [args.global_batch / float(b) for _, _, b, _ in windows[1:]]
     waits = [float(d) / float(b) for _, d, b, _ in windows[1:]]
-    return {"samples_per_s": statistics.median(rates), "data_wait": statistics.median(waits),
+    rate = statistics.median(rates)
+    mfu = rate * flops_per_sample(args) / (args.ranks * args.peak_tflops * 1e12) if args.peak_tflops else None
+    return {"samples_per_s": rate, "mfu": mfu, "data_wait": statistics.median(waits),
             "loss": (float(windows[0][3]), float(windows[-1][3])), "samples": seen}
 
 
@@ -96,17 +110,50 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
 
 
-def parameters(model: str) -> int:
-    import open_clip
+def _task(args):
+    from pipeline import config
+    from pipeline.tasks import get_task
 
-    from pipeline.tasks import clip  # noqa: F401  (registers CLIP-tiny)
+    cfg = config.load(args.config, [f"model.name={args.model}", "eval.zeroshot=null"])
+    return get_task(cfg.task)(cfg)
 
-    return sum(p.numel() for p in open_clip.create_model(model).parameters())
+
+def parameters(args) -> int:
+    return sum(p.numel() for p in _task(args).build_model(device="meta").parameters())
+
+
+def flops_per_sample(args) -> float:
+    return _task(args).flops_per_sample()
+
+
+def hardware() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def record(args, result: dict) -> None:
+    """Append our measurement to bench/measured_mfu.json, where `launch plan` finds it."""
+    import datetime
+    import json
+
+    path = ROOT / "bench" / "measured_mfu.json"
+    records = json.loads(path.read_text())["records"] if path.is_file() else []
+    records.append({"model": args.model, "task": _task(args).cfg.task, "hardware": hardware(),
+                    "precision": args.precision, "ranks": args.ranks, "global_batch": args.global_batch,
+                    "mfu": round(result["mfu"], 4), "samples_per_s": round(result["samples_per_s"], 1),
+                    "peak_tflops": args.peak_tflops, "date": datetime.date.today().isoformat(),
+                    "command": "python -m bench.train " + " ".join(sys.argv[1:])})
+    path.write_text(json.dumps({"records": records}, indent=1) + "\n")
+    print(f"recorded MFU {result['mfu']:.1%} for {args.model} on {hardware()} in {path.relative_to(ROOT)}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="CLIP-tiny")
+    p.add_argument("--config", default="configs/clip/tiny_cpu.yaml", help="our side's training config")
+    p.add_argument("--model", default="CLIP-tiny", help="open_clip model config, on both sides")
+    p.add_argument("--precision", choices=tuple(AMP), default="fp32")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="one rank's dense peak, for MFU (0: no MFU)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--ranks", type=int, default=2)
@@ -117,7 +164,7 @@ def main() -> None:
     runs = {"ours": [], "open_clip_train": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = make_shards(tmp / "data", 2000)
+        shards = make_shards(tmp / "data", 2000, _task(args).input_size()[0])
         for r in range(args.rounds):
             runs["open_clip_train"].append(theirs(shards, tmp / f"logs{r}", args))
             print("open_clip_train", runs["open_clip_train"][-1], flush=True)
@@ -128,24 +175,33 @@ def main() -> None:
             assert x["loss"][1] < x["loss"][0], (side, x)  # both train
     rate = {side: [x["samples_per_s"] for x in xs] for side, xs in runs.items()}
     ratio = [o / t for o, t in zip(rate["ours"], rate["open_clip_train"])]
-    n = parameters(args.model)
-    body = (f"`python -m bench.train --model {args.model} --steps {args.steps} --global-batch {args.global_batch} "
-            f"--ranks {args.ranks} --workers {args.workers} --rounds {args.rounds}` on {machine()}.\n\n"
-            f"{args.model} ({n / 1e6:.2f}M parameters, the same open_clip config on both sides), {args.ranks} CPU "
-            f"ranks over gloo, fp32, global batch {args.global_batch}, {args.workers} loader workers per rank, "
+    n = parameters(args)
+    body = (f"`python -m bench.train {' '.join(sys.argv[1:])}` on {machine()}.\n\n"
+            f"{args.model} ({n / 1e6:.2f}M parameters, the same open_clip config on both sides), {args.ranks} "
+            f"{'CPU ranks over gloo' if hardware() == 'cpu' else hardware() + ' ranks'}, {args.precision}, "
+            + (f"MFU against {args.peak_tflops:g} TFLOP/s per rank, " if args.peak_tflops else "")
+            + f"global batch {args.global_batch}, {args.workers} loader workers per rank, "
             f"{args.steps} steps ({args.steps * args.global_batch} samples) on the demo corpus' shards; each side "
             f"in fresh processes, alternating; samples/s after the first log window of {WINDOW} steps, median over "
             f"windows, then median (min-max) over {args.rounds} rounds.\n\n"
-            "| | samples/s | data wait (fraction of step time) | loss first → last window |\n|---|---|---|---|\n"
-            + "".join(f"| {side} | {median_range(rate[side])} | "
+            "| | samples/s | MFU | data wait (fraction of step time) | loss first → last window |\n"
+            "|---|---|---|---|---|\n"
+            + "".join(f"| {side} | {median_range(rate[side])} | {_mfu(xs)} | "
                       f"{median_range([x['data_wait'] for x in xs], '{:.3f}')} | "
                       f"{xs[-1]['loss'][0]:.3f} → {xs[-1]['loss'][1]:.3f} |\n" for side, xs in runs.items())
-            + f"| ours / open_clip_train | {median_range(ratio, '{:.2f}')}x | | |\n\n"
+            + f"| ours / open_clip_train | {median_range(ratio, '{:.2f}')}x | | | |\n\n"
             f"Samples seen: ours {runs['ours'][-1]['samples']}, open_clip_train {runs['open_clip_train'][-1]['samples']}"
             f". On GPUs (ViT-B/32, ViT-L/14@336 in bf16, 1 and 8 GPUs, MFU): not measured, needs a GPU.")
     print(body)
     if args.write:
         write_section("Training end to end against open_clip_train", body)
+        if args.peak_tflops:
+            record(args, {"mfu": statistics.median(x["mfu"] for x in runs["ours"]),
+                          "samples_per_s": statistics.median(rate["ours"])})
+
+
+def _mfu(xs: list[dict]) -> str:
+    return median_range([100 * x["mfu"] for x in xs], "{:.1f}") + " %" if xs[0]["mfu"] is not None else "—"
 
 
 if __name__ == "__main__":

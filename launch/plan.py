@@ -14,12 +14,16 @@ Everything is sized on the meta device (nothing allocated, seconds on a laptop):
 - host memory per node for the loader: per rank, data.num_workers workers, each holding its own LOADER_WORKER_MIB
   (measured by bench.loader_memory; shard indexes, not shards, so it does not grow with the shards) and the
   batches it keeps ready (pipeline/data.py PREFETCH, micro-batches as the loader delivers them: Task.loader_batch).
-Time = samples / (ranks x peak FLOP/s x MFU / FLOPs per sample), MFU assumed (the profile's, or --mfu).
+Time = samples / (ranks x peak FLOP/s x MFU / FLOPs per sample), MFU assumed (the profile's, or --mfu). Beside it,
+the MFU `python -m bench.train --write` last measured for this model (else this family) on this hardware and
+precision, when there is one (bench/measured_mfu.json).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -64,6 +68,7 @@ class Plan:
     time_limit_min: int
     loader_workers: int  # per rank
     loader_batch: float  # bytes of one micro-batch as the loader delivers it
+    measured: Optional[dict] = None  # bench.train's last measurement for this model or family on this hardware
 
     @property
     def total(self) -> float:
@@ -128,7 +133,32 @@ def make(config_path: str, cluster_name: str, nodes: int, gpus_per_node: Optiona
         activations=activations, activations_note=activations_note, buffers=_buffer_bytes(cfg, n, ranks, width),
         offload=", ".join(k for k in ("optimizer", "params") if getattr(z, f"offload_{k}")),
         mfu=mfu, time_limit_min=clusters.parse_time(time or c.slurm.time), loader_workers=cfg.data.num_workers,
-        loader_batch=float(sum(x.numel() * x.element_size() for x in task.loader_batch(t.micro_batch_size).values())))
+        loader_batch=float(sum(x.numel() * x.element_size() for x in task.loader_batch(t.micro_batch_size).values())),
+        measured=measured_mfu(cfg.model.name, cfg.task, c.gpu, t.precision))
+
+
+MEASURED = Path(__file__).resolve().parent.parent / "bench" / "measured_mfu.json"
+
+
+def hardware_matches(profile_gpu: Optional[str], hardware: str) -> bool:
+    """A profile's GPU (A100-SXM4-80GB; None: CPU nodes) against the device name a benchmark recorded
+    (NVIDIA A100-SXM4-80GB, or cpu)."""
+    return hardware == "cpu" if not profile_gpu else profile_gpu.lower() in hardware.lower()
+
+
+def measured_mfu(model: str, task: str, profile_gpu: Optional[str], precision: str,
+                 path: Optional[Path] = None) -> Optional[dict]:
+    """The newest record of bench.train for this model on this hardware and precision, else for this family."""
+    path = path or MEASURED
+    if not path.is_file():
+        return None
+    records = [r for r in json.loads(path.read_text())["records"]
+               if hardware_matches(profile_gpu, r["hardware"]) and r["precision"] == precision]
+    for same in (lambda r: r["model"] == model, lambda r: r["task"] == task):
+        found = sorted((r for r in records if same(r)), key=lambda r: r["date"])
+        if found:
+            return found[-1]
+    return None
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -250,6 +280,10 @@ def render(p: Plan) -> str:
         + (f" of {c.host_memory_gb:g} GiB" if c.host_memory_gb else ""),
         f"throughput   {p.samples_per_s:,.0f} samples/s at {p.mfu:.0%} MFU "
         f"(peak {c.peak_flops(p.precision) / 1e12:g} TFLOP/s per {unit}, {p.precision})",
+        "             " + (f"measured: {p.measured['mfu']:.1%} MFU for {p.measured['model']} on "
+                           f"{p.measured['hardware']} x {p.measured['ranks']} ({p.measured['date']}, bench.train)"
+                           if p.measured else "measured: none for this model family on this hardware "
+                                              "(python -m bench.train --write records one)"),
         f"time         {p.steps:,} steps x {p.global_batch:,} = {p.steps * p.global_batch / 1e9:,.2f}B samples: "
         f"{days:,.1f} days, {p.seconds / 3600 * p.ranks:,.0f} {unit}-hours",
         f"SLURM        {p.jobs} job(s) of {p.time_limit_min / 60:g} h chained by requeue "

@@ -16,6 +16,7 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir))
+        # peak_flops: of every rank together, as the samples counted are the whole job's
         self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
         self._t, self._samples, self._data_wait = time.perf_counter(), 0, 0.0
 

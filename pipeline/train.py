@@ -56,7 +56,9 @@ def train(cfg: config.Config, device: str) -> dict:
                                   seed=cfg.data.seed, open_shards=cfg.data.open_shards, resampled=cfg.data.resampled,
                                   decode_size=task.decode_size(), state=data_state)
         cleanup.callback(stream.close)
-        metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(), cfg.train.peak_tflops * 1e12)
+        # MFU of the whole job: global samples/s against every rank's peak (train.peak_tflops is one rank's)
+        metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(),
+                          cfg.train.peak_tflops * 1e12 * info.world_size)
         cleanup.callback(metrics.close)
         last: dict[str, float] = {}
         first = True  # this process's first step

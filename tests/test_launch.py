@@ -157,6 +157,33 @@ def test_plan_counts_the_gradient_buckets_the_config_sets():
     assert "zero.reduce_bucket_size" in plan.render(plan.make(*args, overrides=["zero.stage=2"]))
 
 
+def test_plan_shows_the_measured_mfu_beside_the_assumed_one(tmp_path, monkeypatch):
+    """bench.train --write records its MFU per model, hardware and precision; plan shows the newest for the model,
+    else for the family, on the profile's hardware, and says when there is none."""
+    import json
+
+    records = [
+        {"model": "CLIP-tiny", "task": "clip", "hardware": "cpu", "precision": "fp32", "ranks": 2, "mfu": 0.05,
+         "date": "2026-12-01"},
+        {"model": "ViT-B-32", "task": "clip", "hardware": "NVIDIA A100-SXM4-80GB", "precision": "bf16", "ranks": 8,
+         "mfu": 0.38, "date": "2026-11-01"},
+        {"model": "ViT-B-32", "task": "clip", "hardware": "NVIDIA A100-SXM4-80GB", "precision": "bf16", "ranks": 8,
+         "mfu": 0.41, "date": "2026-12-01"},
+        {"model": "ViT-B-32", "task": "clip", "hardware": "NVIDIA A100-SXM4-80GB", "precision": "fp16", "ranks": 8,
+         "mfu": 0.30, "date": "2026-12-02"}]
+    path = tmp_path / "measured_mfu.json"
+    path.write_text(json.dumps({"records": records}))
+    monkeypatch.setattr(plan, "MEASURED", path)
+    cpu = plan.make("configs/clip/tiny_cpu.yaml", "cpu", 1)
+    assert cpu.measured["mfu"] == 0.05
+    assert "measured: 5.0% MFU for CLIP-tiny on cpu x 2 (2026-12-01, bench.train)" in plan.render(cpu)
+    same_family = plan.make("configs/clip/vit_b16.yaml", "a100", 1)  # no ViT-B/16 record: the family's newest
+    assert (same_family.measured["model"], same_family.measured["mfu"]) == ("ViT-B-32", 0.41)
+    assert plan.make("configs/clip/vit_b32.yaml", "a100", 1).measured["mfu"] == 0.41  # bf16, the newest
+    none = plan.make("configs/clip/vit_b32.yaml", "h100", 1)
+    assert none.measured is None and "measured: none for this model family on this hardware" in plan.render(none)
+
+
 def test_plan_time_is_samples_over_throughput():
     p = plan.make("configs/clip/vit_l14.yaml", "v100", 32, mfu=0.2)
     assert p.ranks == 256 and p.precision == "fp16"
