@@ -18,31 +18,17 @@ def _template_fn(template: str):
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset_path, transform, *, batch_size: int = 64, device="cpu",
              dtype=torch.float32, num_workers: int = 0) -> dict:
+    """Top-1, top-5 and mean per-class accuracy on one ImageFolder tree (datasets.load)."""
+    from pipeline.eval import metrics
+
     data = datasets.load(dataset_path, transform)
-    classifier = open_clip.build_zero_shot_classifier(
-        model, tokenizer, data.classnames, [_template_fn(t) for t in data.templates], device=device)
-    n_classes = len(data.classnames)
-    correct1 = correct5 = 0
-    per_class_hits = torch.zeros(n_classes)
-    per_class_total = torch.zeros(n_classes)
+    text = classifier(model, tokenizer, data.classnames, data.templates, device)
     loader = DataLoader(data.dataset, batch_size=batch_size, num_workers=num_workers)
-    for images, labels in loader:
-        features = model.encode_image(images.to(device, dtype), normalize=True)
-        logits = features.float() @ classifier.float()
-        top5 = logits.topk(min(5, n_classes), dim=1).indices.cpu()
-        hit1 = top5[:, 0] == labels
-        correct1 += hit1.sum().item()
-        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
-        per_class_hits.index_add_(0, labels, hit1.float())
-        per_class_total.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
-    n = int(per_class_total.sum().item())
-    seen = per_class_total > 0
-    return {
-        "dataset": data.name, "n": n, "classes": n_classes, "templates": len(data.templates),
-        "top1": correct1 / n, "top5": correct5 / n,
-        "mean_per_class": (per_class_hits[seen] / per_class_total[seen]).mean().item(),
-        "chance": 1.0 / n_classes,
-    }
+    s, y, _ = scores(model, text, ((images, labels, 0) for images, labels in loader), device, dtype)
+    k = len(data.classnames)
+    return {"dataset": data.name, "n": len(y), "classes": k, "templates": len(data.templates),
+            "top1": metrics.top_k_accuracy(s, y, 1), "top5": metrics.top_k_accuracy(s, y, min(5, k)),
+            "mean_per_class": metrics.mean_per_class_recall(s, y), "chance": 1.0 / k}
 
 
 def classifier(model, tokenizer, classnames: list[str], templates: list[str], device) -> torch.Tensor:
