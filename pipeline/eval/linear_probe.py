@@ -186,7 +186,7 @@ def probe(train_x, train_y, test_x, test_y, *, Cs=DEFAULT_CS, val_fraction: floa
     x_fit, x_val = _standardize(x_fit, x_val)  # statistics of the fitted features only
     # Strong to weak regularisation, each fit starting from the last one's weights: the small-C solutions are
     # near zero and quick, and each next one starts close to its own optimum.
-    clf = model(warm_start=True) if backend == "sklearn" else model()
+    clf = model(warm_start=True) if backend == "sklearn" else model()  # TorchLogistic always starts warm
     scores = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a probe at max_iter is still a valid measurement

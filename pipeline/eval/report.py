@@ -13,16 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.checkpoint import atomic_write_bytes
 from pipeline.eval import suite
 
 METRIC_NAMES = {"accuracy": "accuracy", "mean_per_class_recall": "mean per class", "voc11_map": "11-point mAP",
                 "roc_auc": "ROC AUC", "top1_top5_mean": "mean(top1, top5)"}
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def rows(results: dict[str, dict | None]) -> list[dict]:
@@ -149,10 +144,10 @@ def write(model: str, results: dict[str, dict | None], out: Path, results_dir: P
     report = {"model": model, "step": step, "reference": suite.REFERENCE, "datasets": len(evaluated),
               "mean_zeroshot": float(np.mean(evaluated)) if evaluated else None, "results": table}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "suite.json", (json.dumps(report, indent=1) + "\n").encode())
-    _atomic(out / "suite.md", markdown(table, model, step).encode())
+    atomic_write_bytes(out / "suite.json", (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "suite.md", markdown(table, model, step).encode())
     chart = bar_chart(table)
-    _atomic(out / "suite.png", _png(chart))
+    atomic_write_bytes(out / "suite.png", _png(chart))
     examples = []
     for name, r in results.items():
         thumbs = results_dir / f"{name}.examples.npy"
@@ -160,7 +155,7 @@ def write(model: str, results: dict[str, dict | None], out: Path, results_dir: P
             examples += [(name, t, e) for t, e in zip(np.load(thumbs), r["zeroshot"]["examples"])][:2]
     figure = examples_figure(examples[:16]) if examples else None
     if figure is not None:
-        _atomic(out / "suite_examples.png", _png(figure))
+        atomic_write_bytes(out / "suite_examples.png", _png(figure))
     if tb is not None and step is not None:
         _tensorboard(tb, step, table, chart, figure)
     return report

@@ -10,6 +10,7 @@ Linear probes cache the frozen features of each split in OUT/suite/features/NAME
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pipeline.checkpoint import atomic_write_bytes, atomic_write_text
 from pipeline.eval import datasets, metrics, suite
 from pipeline.eval.checkpoints import default_device
 
@@ -141,15 +143,13 @@ def _capped(batches, max_images: int):
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _atomic_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _thumbnail(image):
@@ -314,7 +314,9 @@ class SuiteJob:
             if len(images) == min(EXAMPLES, len(s)):
                 break
         images = torch.stack(images)
-        np.save(self.results / f"{spec.name}.examples.npy", images.numpy())
+        buf = io.BytesIO()
+        np.save(buf, images.numpy())
+        atomic_write_bytes(self.results / f"{spec.name}.examples.npy", buf.getvalue())
         p = torch.softmax(100 * s[:len(images)].double(), dim=1)
         top = p.topk(min(5, p.shape[1]), dim=1)
         return [{"label": names[int(y[i])],
