@@ -11,7 +11,7 @@ and backward of a second step, and then counts what it holds, by tensor storage,
   the module's parameters (ZeRO >= 1 keeps a separate fp32 partition even in fp32 training);
 - gradients: `param.grad`, and what the ZeRO optimizer holds under a name containing "grad" (averaged_gradients,
   grads_in_partition, grad_partitions_flat_buffer ...);
-- the gradient bucket (`ipg_buckets`): sized by DeepSpeed's reduce_bucket_size, not by the model, so reported
+- the gradient bucket (`ipg_buckets`): sized by reduce_bucket_size (ours: the smaller of 5e8 and Ψ), so reported
   apart, as allocated and as filled when it is reduced (ZeRO-1/2 free it at the end of the backward);
 - anything else reachable from the ZeRO optimizer is "other", reported in the interpretation.
 
@@ -205,11 +205,13 @@ def interpretation(rows: list[dict]) -> str:
         "excess over 4Ψ/N is up to that tensor less one partition, and shrinks as models grow.",
         f"- ZeRO-3 keeps parameters under stage3_param_persistence_threshold ({s['persist_threshold']:.0f} elements) "
         "whole on every rank (" + ", ".join(f"{m} {x['persistent']:.0%} of Ψ" for m, x in big.items()) + ").",
-        "- Outside the formula, the gradient bucket: DeepSpeed allocates reduce_bucket_size elements (5e8 by "
-        "default, 2 GB in fp32) whatever the model size, for the whole run at ZeRO-3 and during each backward at "
-        "ZeRO-1/2 (on CPU the untouched pages cost nothing, on a GPU they are real memory). "
+        "- Outside the formula, the gradient bucket: DeepSpeed allocates reduce_bucket_size elements whatever the "
+        "model size, for the whole run at ZeRO-3 and during each backward at ZeRO-1/2. At its own default (5e8, "
+        "2 GB in fp32) these runs allocated 1907 MiB and filled 29 (CLIP-tiny) or 165 (ViT-S-32-alt); our default "
+        "(zero.reduce_bucket_size=null) is the smaller of 5e8 and Ψ, which reduces the same gradients at the same "
+        "moment and allocates only what is filled (the last column). "
         + (f"In {len(filled)} of {sum(s['stage'] > 0 for s in rows)} ZeRO runs the whole gradient (4Ψ) was in the "
-           "bucket at once before its reduction, because Ψ < reduce_bucket_size: during the backward ZeRO-2 and 3 "
+           "bucket at once before its reduction, because Ψ <= reduce_bucket_size: during the backward ZeRO-2 and 3 "
            "then hold as many gradient bytes as ZeRO-1, and their gradient partitioning lowers only what is held "
            "after it." if filled else "The bucket never held the whole gradient at once."),
     ]

@@ -230,22 +230,24 @@ def _traced(task, model: nn.Module, micro_batch: int, dtype: torch.dtype, checkp
 
 
 def _buffer_bytes(cfg: config.Config, n: int, ranks: int, width: int) -> float:
-    """DeepSpeed's own buffers for our ds_config (its defaults where zero.* leaves them): ZeRO-1/2 with
-    contiguous_gradients allocate reduce_bucket_size elements for the gradients being reduced, twice with
-    overlap_comm, at full size whatever the model's (stage_1_and_2.py setup_buckets; ZeRO-1 stages them in fp32),
-    and without it flatten up to a bucket at a time; ZeRO-3 gathers up to max_live_parameters weights at a time."""
+    """DeepSpeed's own buffers for our ds_config (its defaults where zero.* leaves them): with contiguous_gradients,
+    ZeRO-1/2 allocate reduce_bucket_size elements for the gradients being reduced, twice with overlap_comm, at full
+    size whatever the model's (stage_1_and_2.py setup_buckets; ZeRO-1 stages them in fp32), and without it flatten
+    up to a bucket at a time; ZeRO-3 keeps one such bucket for the run (stage3.py) and gathers up to
+    max_live_parameters weights at a time. Our default bucket is the smaller of DeepSpeed's 5e8 and the model."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     from pipeline.engine import ds_config
 
-    zero = DeepSpeedZeroConfig(**ds_config(cfg, ranks)["zero_optimization"])
+    zero = DeepSpeedZeroConfig(**ds_config(cfg, ranks, parameters=n)["zero_optimization"])
     if cfg.zero.stage in (1, 2):
         if not zero.contiguous_gradients:
             return min(n, zero.reduce_bucket_size) * width
         reduction_width = 4 if cfg.zero.stage == 1 else width
         return zero.reduce_bucket_size * (2 if zero.overlap_comm else 1) * reduction_width
     if cfg.zero.stage == 3:
-        return (min(n, zero.max_live_parameters) + min(n, zero.prefetch_bucket_size)) * width
+        bucket = zero.reduce_bucket_size if zero.contiguous_gradients else 0
+        return (bucket + min(n, zero.max_live_parameters) + min(n, zero.prefetch_bucket_size)) * width
     return 0.0
 
 

@@ -86,10 +86,11 @@ class ZeroConfig:
     stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    # DeepSpeed's communication; null: DeepSpeed's own default. With contiguous_gradients (default on), ZeRO-1/2
-    # allocate a gradient buffer of reduce_bucket_size elements (two with overlap_comm) whatever the model's size:
-    # DeepSpeed's 5e8 is 1 GB in bf16, 2 GB in fp32, per rank (`launch plan` counts it). allgather_bucket_size
-    # chunks the gathering of updated weights after the step.
+    # DeepSpeed's communication; null: DeepSpeed's own default. With contiguous_gradients (default on), ZeRO
+    # allocates a gradient buffer of reduce_bucket_size elements (two with overlap_comm) whatever the model's size:
+    # DeepSpeed's 5e8 is 1 GB in bf16, 2 GB in fp32, per rank (`launch plan` counts it); our null is the smaller of
+    # 5e8 and the trainable parameter count, which reduces the same gradients at the same moments
+    # (pipeline/engine.py). allgather_bucket_size chunks the gathering of updated weights after the step.
     reduce_bucket_size: Optional[int] = None  # elements
     allgather_bucket_size: Optional[int] = None  # elements
     overlap_comm: Optional[bool] = None  # reduce a bucket while backward computes the next (DeepSpeed: ZeRO-3 only)

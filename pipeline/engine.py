@@ -14,14 +14,16 @@ from pipeline.config import Config
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # zero.* keys passed to DeepSpeed's zero_optimization as they are, when set
 COMM_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients")
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's own default
 
 
 def grad_accumulation(cfg: Config, world_size: int) -> int:
     return cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size)
 
 
-def ds_config(cfg: Config, world_size: int, universal: bool = False) -> dict[str, Any]:
-    """`universal`: the checkpoint this engine resumes from is in DeepSpeed's universal format (another layout)."""
+def ds_config(cfg: Config, world_size: int, universal: bool = False, parameters: int | None = None) -> dict[str, Any]:
+    """`universal`: the checkpoint this engine resumes from is in DeepSpeed's universal format (another layout).
+    `parameters`: the trainable parameter count, which caps the default gradient bucket (reduce_bucket_size)."""
     t, z = cfg.train, cfg.zero
     zero: dict[str, Any] = {"stage": z.stage}
     if z.offload_optimizer:
@@ -29,6 +31,12 @@ def ds_config(cfg: Config, world_size: int, universal: bool = False) -> dict[str
     if z.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     zero.update({k: getattr(z, k) for k in COMM_KEYS if getattr(z, k) is not None})
+    if z.reduce_bucket_size is None and parameters:
+        # DeepSpeed allocates its bucket (two with overlap_comm) at full size whatever the model: a model smaller
+        # than 5e8 elements fills only Ψ of it (bench.zero_memory: 1907 MiB allocated, 29 MiB filled for CLIP-tiny).
+        # A bucket of Ψ reduces exactly the same gradients at the same moments (one reduction at the end of the
+        # backward either way), so it only returns the unused memory: 0.7 GB per rank for ViT-B/32 in bf16.
+        zero["reduce_bucket_size"] = min(DEEPSPEED_REDUCE_BUCKET, parameters)
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -93,8 +101,9 @@ class Engine:
             optimizer = DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
         else:
             optimizer = torch.optim.AdamW(param_groups, fused=device == "cuda", **kwargs)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(cfg, world_size, universal),
+            model=model, optimizer=optimizer, config=ds_config(cfg, world_size, universal, trainable),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         if cfg.train.compile:
             self.model.compile()  # DeepSpeed compiles its module in place, with the accelerator's backend

@@ -58,7 +58,7 @@ def train(cfg: config.Config, device: str) -> dict:
         cleanup.callback(stream.close)
         # MFU of the whole job: global samples/s against every rank's peak (train.peak_tflops is one rank's)
         metrics = Metrics(run_dir / "tb", info.is_main, task.flops_per_sample(),
-                          cfg.train.peak_tflops * 1e12 * info.world_size)
+                          cfg.train.peak_tflops * 1e12 * info.world_size, device)
         cleanup.callback(metrics.close)
         last: dict[str, float] = {}
         first = True  # this process's first step
@@ -181,11 +181,15 @@ def _optimizer_step(task, engine, stream, metrics) -> tuple[torch.Tensor, dict[s
         t0 = time.perf_counter()
         batch = task.on_device(engine.to_device(next(stream)), engine.dtype)
         metrics.add_data_wait(time.perf_counter() - t0)
-        loss, logs = task.loss(engine.model, batch)
-        engine.backward(loss)
-        engine.step()  # DeepSpeed updates at the accumulation boundary
+        with metrics.phase("forward"):
+            loss, logs = task.loss(engine.model, batch)
+        with metrics.phase("backward"):
+            engine.backward(loss)
+        with metrics.phase("step"):
+            engine.step()  # DeepSpeed updates at the accumulation boundary
         loss_sum += loss.detach().float()
-    task.after_step(engine)
+    with metrics.phase("step"):
+        task.after_step(engine)
     return loss_sum / engine.accumulation, logs
 
 

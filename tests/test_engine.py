@@ -38,6 +38,9 @@ def test_zero_communication_keys_reach_deepspeed_only_when_set():
     cfg = config.load(TINY)
     zero = ds_config(cfg, 2)["zero_optimization"]
     assert set(zero) == {"stage"}  # DeepSpeed's own defaults
+    # ... but the gradient bucket: no larger than the model (DeepSpeed allocates all of it whatever the model)
+    assert ds_config(cfg, 2, parameters=7_000_000)["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 7_000_000}
+    assert ds_config(cfg, 2, parameters=10**9)["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5 * 10**8}
     cfg = config.load(TINY, ["zero.reduce_bucket_size=20000000", "zero.allgather_bucket_size=30000000",
                              "zero.overlap_comm=true", "zero.contiguous_gradients=false"])
     zero = ds_config(cfg, 2)["zero_optimization"]
@@ -62,6 +65,10 @@ def test_zero_communication_keys_configure_the_engines_optimizer(process_group):
     zero = engine.model.optimizer  # DeepSpeedZeroOptimizer
     assert (zero.reduce_bucket_size, zero.allgather_bucket_size) == (12345, 23456)
     assert zero.overlap_comm and zero.contiguous_gradients
+    cfg = config.load(TINY, ["train.global_batch_size=8", "train.micro_batch_size=8", "zero.stage=2"])
+    model = task.build_model()
+    engine = Engine(cfg, model, task.param_groups(model), "cpu", 1)
+    assert engine.model.optimizer.reduce_bucket_size == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

@@ -144,10 +144,15 @@ def test_plan_model_state_follows_the_zero_paper():
 
 
 def test_plan_counts_the_gradient_buckets_the_config_sets():
-    """ZeRO-1/2 with contiguous gradients allocate reduce_bucket_size elements whatever the model's size (two with
-    overlap_comm): DeepSpeed's default 5e8 is 1 GB in bf16 for a ViT-B/32 CLIP of 151M parameters."""
+    """ZeRO with contiguous gradients allocates reduce_bucket_size elements whatever the model's size (two with
+    overlap_comm at ZeRO-1/2): DeepSpeed's default 5e8 would be 1 GB in bf16 for a ViT-B/32 CLIP of 151M
+    parameters; our default is the model's size, explicit sizes are taken as they are."""
     args = ("configs/clip/vit_b32.yaml", "a100", 1)
-    assert plan.make(*args, overrides=["zero.stage=2"]).buffers == 5e8 * 2
+    default = plan.make(*args, overrides=["zero.stage=2"])
+    assert default.buffers == default.parameters * 2
+    assert plan.make(*args, overrides=["zero.stage=2", "zero.reduce_bucket_size=500000000"]).buffers == 5e8 * 2
+    stage3 = plan.make(*args, overrides=["zero.stage=3"])
+    assert stage3.buffers == (2 * stage3.parameters + 5e7) * 2  # bucket and max_live exceed the model, prefetch 5e7
     assert plan.make(*args, overrides=["zero.stage=2", "zero.reduce_bucket_size=50000000"]).buffers == 5e7 * 2
     assert plan.make(*args, overrides=["zero.stage=2", "zero.reduce_bucket_size=50000000",
                                        "zero.overlap_comm=true"]).buffers == 2 * 5e7 * 2

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import launch_clip
 from pipeline import checkpoint
+from pipeline.metrics import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -46,6 +47,10 @@ def test_zero2_two_ranks_train_and_loss_falls(run_a):
     assert loss[STEPS] < loss[5] - 0.3, loss
     assert s["data/skipped"][STEPS] == 0 and s["train/skipped_steps"][STEPS] == 0
     assert 0 < s["train/mfu"][STEPS] < 1
+    for step in loss:  # the phases split each step's wall time, each compute phase measured
+        assert sum(s[f"time/{p}_ms"][step] for p in PHASES) == pytest.approx(1e3 * 128 / s["train/samples_per_s"][step])
+        assert min(s[f"time/{p}_ms"][step] for p in ("forward", "backward", "step")) > 0
+    assert "ms/step data" in log
     assert 0.2 < s["memory/allocated_gb/rank1"][STEPS] < 8  # each rank's RSS on CPU
     assert 0 <= s["eval/zeroshot_top1"][STEPS] <= 1
 
