@@ -41,6 +41,7 @@ def _entry(rank, fn, world, port, tmp, args):
     out = fn(rank, world, *args)
     if rank == 0:
         (Path(tmp) / "rank0.pkl").write_bytes(pickle.dumps(out))
+    dist.barrier()  # no rank closes its connections while another is still in a collective
     dist.destroy_process_group()
 
 

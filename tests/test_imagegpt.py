@@ -269,6 +269,9 @@ def _partition_worker(rank, port, out):
         stds = {"c_fc": model.h[0].mlp.c_fc.weight.std().item(), "wte": model.wte.weight.std().item(),
                 "ln": model.h[0].ln_1.weight.mean().item()}
     torch.save({"held": held, "total": total, "stds": stds}, Path(out) / f"rank{rank}.pt")
+    # No rank leaves while another is still in the last all-gather: gloo aborts a peer whose connection closes
+    # mid-collective ("terminate called without an active exception", SIGABRT in about 1 run in 4 without it).
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

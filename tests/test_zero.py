@@ -118,6 +118,7 @@ def _worker(rank, port, out):
         results[f"distributed_local_loss={local_loss}"] = (mean_loss.item() / WORLD, grads)
         if local_loss is False:
             results["rank_loss"] = loss.item()
+    dist.barrier()  # no rank closes its connections while another is still in a collective
     dist.destroy_process_group()
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
