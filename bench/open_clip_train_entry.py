@@ -35,6 +35,7 @@ def time_phases(path: str, window: int) -> None:
     import atexit
 
     import open_clip_train.train as loop
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     sys.path.insert(0, str(ROOT))
     from pipeline.metrics import PhaseTimer
@@ -61,8 +62,6 @@ def time_phases(path: str, window: int) -> None:
             windows.append({phase: 1e3 * s / window for phase, s in timer.take().items()})
 
     torch.optim.AdamW.zero_grad, loop.backward = timed_zero_grad, timed_backward
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
     register_optimizer_step_post_hook(after_step)
     atexit.register(lambda: Path(path).write_text(json.dumps({"parameters": trained[0], "windows": windows})))
 
